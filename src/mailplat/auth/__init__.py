@@ -1,0 +1,1 @@
+"""Authentication: password hashes, the directory checker, the realm and SASL."""

@@ -1,0 +1,1 @@
+"""MIME: message analysis (for IMAP FETCH and search) and conversion."""

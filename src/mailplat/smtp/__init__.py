@@ -1,0 +1,1 @@
+"""SMTP: wire format (sans-IO) and the server session."""
