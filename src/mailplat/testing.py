@@ -239,13 +239,14 @@ class MemoryStore:
                 boxes[new] = moved
                 box.messages.clear()
                 box.recent.clear()
-            else:
+            old = box.name
+            if old != "INBOX":
                 for name in sorted(boxes):
-                    if name == box.name or name.startswith(box.name + "/"):
+                    if name == old or name.startswith(old + "/"):
                         child = boxes.pop(name)
-                        child.name = new + name[len(box.name):]
+                        child.name = new + name[len(old):]
                         boxes[child.name] = child
-            self._emit(user, box.name, "rename")
+            self._emit(user, old, "rename")
 
         return self._call(go)
 

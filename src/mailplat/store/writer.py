@@ -1,0 +1,260 @@
+"""
+Group commit for SQLite + files: one writer thread per database.
+
+Write operations are queued from the reactor thread and executed by a single
+thread in batches: every operation in a batch first writes its files, then
+all those files (and the directories they were linked into) are made durable
+together, then the batch's database changes are made in one transaction and
+committed once (one WAL fsync with C{synchronous=FULL}).  Only then do the
+operations' Deferreds fire, on the reactor thread.  Under load many sessions'
+messages share one round of fsyncs; alone, a message costs what it must.
+
+Each operation is isolated by a SAVEPOINT: one that raises is rolled back and
+fails alone, the rest of its batch commits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import queue
+import sqlite3
+import threading
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailplat.interfaces.storage import TemporaryStoreFailure
+
+_log = Logger()
+
+_libc = None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.syncfs
+except (OSError, AttributeError):
+    _libc = None
+
+#: When a batch has at least this many files, one syncfs(2) of the file system
+#: replaces one fsync per file.
+SYNCFS_THRESHOLD = 4
+
+
+def fsyncPath(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncFiles(paths, directories) -> None:
+    """Make the content of C{paths} and the entries of C{directories} durable."""
+    paths = list(paths)
+    directories = list(directories)
+    if _libc is not None and len(paths) >= SYNCFS_THRESHOLD:
+        fd = os.open(directories[0] if directories else os.path.dirname(paths[0]), os.O_RDONLY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        return
+    for p in paths:
+        fsyncPath(p)
+    for d in directories:
+        fsyncPath(d)
+
+
+def writeFile(path: str, data: bytes) -> None:
+    """Write C{data} to a new file at C{path} (not yet synced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)
+
+
+def linkOrCopy(source: str, target: str) -> None:
+    """Hard-link C{source} to C{target}, or copy it when they are on different file systems."""
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        with open(source, "rb") as src:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            with os.fdopen(fd, "wb") as dst:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+
+
+class WriteOp:
+    """
+    One queued write: C{prepare()} runs first (file work; returns the paths to
+    sync and the directories to sync), then C{apply(db)} inside the batch
+    transaction, then C{after()} once committed (e.g. unlinking removed
+    files).  C{apply}'s return value is the result.
+    """
+
+    def __init__(self, apply, prepare=None, after=None, onFailure=None):
+        self.apply = apply
+        self.prepare = prepare
+        self.after = after
+        self.onFailure = onFailure
+        self.deferred = defer.Deferred()
+
+
+def connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+class Writer:
+    """The writer thread of one database."""
+
+    def __init__(self, path: str, reactor, name: str = "mailplat-writer", maxBatch: int = 512):
+        self._path = path
+        self._reactor = reactor
+        self._queue: queue.Queue = queue.Queue()
+        self._maxBatch = maxBatch
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = False
+
+    def start(self):
+        self._thread.start()
+        self._started = True
+
+    def stop(self):
+        """Finish queued work; fires (on the reactor) when the thread has ended."""
+        if not self._started:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._queue.put(None)
+
+        def wait():
+            self._thread.join()
+            self._reactor.callFromThread(d.callback, None)
+
+        threading.Thread(target=wait, daemon=True).start()
+        return d
+
+    def submit(self, op: WriteOp):
+        self._queue.put(op)
+        return op.deferred
+
+    def _run(self):
+        db = connect(self._path)
+        try:
+            while True:
+                op = self._queue.get()
+                if op is None:
+                    return
+                batch = [op]
+                stop = False
+                while len(batch) < self._maxBatch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._runBatch(db, batch)
+                if stop:
+                    return
+        finally:
+            db.close()
+
+    def _fire(self, op, result, ok):
+        if ok:
+            self._reactor.callFromThread(op.deferred.callback, result)
+        else:
+            self._reactor.callFromThread(op.deferred.errback, result)
+
+    def _runBatch(self, db, batch):
+        results = {}
+        live = []
+        paths, dirs = [], set()
+        for op in batch:
+            if op.prepare is None:
+                live.append(op)
+                continue
+            try:
+                p, d = op.prepare()
+                paths.extend(p)
+                dirs.update(d)
+                live.append(op)
+            except Exception:
+                f = Failure()
+                _log.failure("store write preparation failed", f)
+                self._failOp(op, f)
+        if paths or dirs:
+            try:
+                syncFiles(paths, sorted(dirs))
+            except Exception:
+                f = Failure()
+                _log.failure("fsync failed", f)
+                for op in live:
+                    self._failOp(op, f)
+                return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for i, op in enumerate(live):
+                db.execute(f"SAVEPOINT op{i}")
+                try:
+                    results[id(op)] = (True, op.apply(db))
+                    db.execute(f"RELEASE op{i}")
+                except Exception:
+                    db.execute(f"ROLLBACK TO op{i}")
+                    db.execute(f"RELEASE op{i}")
+                    results[id(op)] = (False, Failure())
+            db.execute("COMMIT")
+        except Exception:
+            f = Failure()
+            _log.failure("store commit failed", f)
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for op in live:
+                self._failOp(op, f)
+            return
+        for op in live:
+            ok, value = results[id(op)]
+            if ok and op.after is not None:
+                try:
+                    op.after(value)
+                except Exception:
+                    _log.failure("post-commit step failed", Failure())
+            if not ok and op.onFailure is not None:
+                try:
+                    op.onFailure()
+                except Exception:
+                    pass
+            self._fire(op, value, ok)
+
+    def _failOp(self, op, failure):
+        if op.onFailure is not None:
+            try:
+                op.onFailure()
+            except Exception:
+                pass
+        exc = failure.value
+        if isinstance(exc, (OSError, sqlite3.OperationalError)):
+            failure = Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
+        self._fire(op, failure, False)
