@@ -70,8 +70,7 @@ class Directory:
         self.path = path
         self._local = threading.local()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        self._db()._db.executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

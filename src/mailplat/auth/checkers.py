@@ -84,3 +84,39 @@ class PasswordFileChecker:
             return username
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), check)
+
+
+from twisted.plugin import IPlugin  # noqa: E402
+
+from mailplat.interfaces.auth import ICheckerFactory  # noqa: E402
+
+
+@implementer(IPlugin, ICheckerFactory)
+class DirectoryCheckerFactory:
+    name = "directory"
+    description = "Users and argon2id password hashes from the embedded directory (mailplat user add)."
+
+    def build(self, args, context):
+        if args:
+            raise ValueError(f"checker 'directory' takes no arguments (got: {', '.join(sorted(args))})")
+        return DirectoryChecker(context.directory, context.reactor)
+
+
+@implementer(IPlugin, ICheckerFactory)
+class PasswordFileCheckerFactory:
+    name = "file"
+    description = "A file of user:argon2id-hash lines (args: path)."
+
+    def build(self, args, context):
+        import os
+
+        unknown = set(args) - {"path"}
+        if unknown:
+            raise ValueError(f"unknown argument(s): {', '.join(sorted(unknown))}; known: path")
+        path = args.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("checker 'file' needs args.path")
+        path = os.path.join(context.dataDir, path)
+        if not os.path.isfile(path):
+            raise ValueError(f"checker 'file': no such file: {path}")
+        return PasswordFileChecker(path, context.reactor)

@@ -1,0 +1,297 @@
+"""
+Configuration: a TOML file turned into validated, typed objects.
+
+The whole file is checked before anything starts.  Unknown keys are refused
+(a misspelt key must never be silently ignored), and every problem is
+reported at once, each with its key path (C{smtp.max_message_size: must be
+a positive integer}).  C{mailplat checkconfig} runs the same check.
+
+With no file at all, L{defaultConfig} gives the embedded default: data
+under C{./mailplat-data}, SQLite, and loopback listeners on high ports.
+See C{examples/mailplat.toml} for every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import endpoints
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration; C{errors} lists them all."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    plugin: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    enabled: bool = True
+    listen: tuple = ("tcp:2525:interface=127.0.0.1",)
+    submission: tuple = ("tcp:2587:interface=127.0.0.1",)
+    submissions: tuple = ("tcp:2465:interface=127.0.0.1",)
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 1000
+    idle_timeout: int = 300
+    auth_on_mx: bool = False
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """IMAP or POP3 listeners (plain/STARTTLS and implicit TLS)."""
+
+    enabled: bool = True
+    listen: tuple = ()
+    listen_tls: tuple = ()
+    idle_timeout: int = 1800
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    enabled: bool = True
+    listen: tuple = ("tcp:8080:interface=127.0.0.1",)
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = "localhost"
+    data: str = "./mailplat-data"
+    certificate: str = ""
+    key: str = ""
+    plaintext_auth: str = "loopback"
+    store: PluginChoice = PluginChoice("sqlite")
+    queue: PluginChoice = PluginChoice("sqlite")
+    retry_schedule: tuple = (60, 300, 900, 1800, 3600)
+    checkers: tuple = (PluginChoice("directory"),)
+    router: PluginChoice = PluginChoice("directory")
+    hooks: tuple = ()
+    processors: tuple = ()
+    converters: tuple = ()
+    smtp: SMTPConfig = SMTPConfig()
+    imap: AccessConfig = AccessConfig(
+        listen=("tcp:2143:interface=127.0.0.1",), listen_tls=("tcp:2993:interface=127.0.0.1",)
+    )
+    pop3: AccessConfig = AccessConfig(
+        listen=("tcp:2110:interface=127.0.0.1",), listen_tls=("tcp:2995:interface=127.0.0.1",), idle_timeout=600
+    )
+    http: HTTPConfig = HTTPConfig()
+    source: str = "<embedded default>"
+
+    @property
+    def dataDir(self) -> str:
+        return os.path.abspath(self.data)
+
+
+def defaultConfig(data: str | None = None) -> Config:
+    """The embedded default (optionally with another data directory)."""
+    if data is None:
+        return Config()
+    return Config(data=data)
+
+
+class _Checker:
+    def __init__(self):
+        self.errors: list[str] = []
+
+    def error(self, path, message):
+        self.errors.append(f"{path}: {message}")
+
+    def table(self, value, path, known):
+        if not isinstance(value, dict):
+            self.error(path, "must be a table")
+            return {}
+        for key in value:
+            if key not in known:
+                self.error(f"{path}.{key}" if path else key,
+                           f"unknown key (known: {', '.join(sorted(known))})")
+        return value
+
+    def string(self, table, key, path, default, nonEmpty=True):
+        if key not in table:
+            return default
+        v = table[key]
+        if not isinstance(v, str) or (nonEmpty and not v):
+            self.error(f"{path}.{key}", "must be a non-empty string" if nonEmpty else "must be a string")
+            return default
+        return v
+
+    def boolean(self, table, key, path, default):
+        if key not in table:
+            return default
+        v = table[key]
+        if not isinstance(v, bool):
+            self.error(f"{path}.{key}", "must be true or false")
+            return default
+        return v
+
+    def positiveInt(self, table, key, path, default):
+        if key not in table:
+            return default
+        v = table[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            self.error(f"{path}.{key}", "must be a positive integer")
+            return default
+        return v
+
+    def endpoints(self, table, key, path, default):
+        if key not in table:
+            return default
+        v = table[key]
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            self.error(f"{path}.{key}", "must be a list of endpoint strings such as \"tcp:2525:interface=127.0.0.1\"")
+            return default
+        for i, desc in enumerate(v):
+            try:
+                endpoints._parseServer(desc, None)
+            except Exception as e:
+                self.error(f"{path}.{key}[{i}]", f"not a valid server endpoint string ({e})")
+        return tuple(v)
+
+    def plugin(self, value, path, default=None):
+        if isinstance(value, str):
+            return PluginChoice(value)
+        t = self.table(value, path, {"plugin", "args"})
+        name = self.string(t, "plugin", path, None)
+        if name is None:
+            if "plugin" not in t:
+                self.error(f"{path}.plugin", "is required")
+            return default
+        args = t.get("args", {})
+        if not isinstance(args, dict):
+            self.error(f"{path}.args", "must be a table")
+            args = {}
+        return PluginChoice(name, dict(args))
+
+    def pluginList(self, table, key, path):
+        if key not in table:
+            return ()
+        v = table[key]
+        if not isinstance(v, list):
+            self.error(f"{path}{key}", "must be an array of tables ([[...]]) or of plugin names")
+            return ()
+        out = []
+        for i, item in enumerate(v):
+            choice = self.plugin(item, f"{path}{key}[{i}]")
+            if choice is not None:
+                out.append(choice)
+        return tuple(out)
+
+
+def parseConfig(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML text; raise L{ConfigError} listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"])
+    return _build(raw, source)
+
+
+def loadConfig(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the configuration file: {e.strerror}"])
+    return parseConfig(text, path)
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    c = _Checker()
+    base = Config()
+    top = c.table(raw, "", {"server", "tls", "store", "queue", "auth", "routing", "hooks", "processors",
+                            "converters", "smtp", "imap", "pop3", "http"})
+
+    server = c.table(top.get("server", {}), "server", {"hostname", "data"})
+    hostname = c.string(server, "hostname", "server", base.hostname)
+    data = c.string(server, "data", "server", base.data)
+
+    tls = c.table(top.get("tls", {}), "tls", {"certificate", "key"})
+    certificate = c.string(tls, "certificate", "tls", "", nonEmpty=False)
+    key = c.string(tls, "key", "tls", "", nonEmpty=False)
+    if bool(certificate) != bool(key):
+        c.error("tls", "certificate and key must be given together (or neither, for a generated self-signed pair)")
+    for k, p in (("certificate", certificate), ("key", key)):
+        if p and not os.path.isfile(p):
+            c.error(f"tls.{k}", f"no such file: {p}")
+
+    store = c.plugin(top.get("store", {"plugin": "sqlite"}), "store", base.store)
+
+    queueTable = top.get("queue", {})
+    if isinstance(queueTable, dict) and "retry_schedule" in queueTable:
+        rs = queueTable["retry_schedule"]
+        queueTable = {k: v for k, v in queueTable.items() if k != "retry_schedule"}
+        if not isinstance(rs, list) or not rs or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in rs):
+            c.error("queue.retry_schedule", "must be a non-empty list of positive integers (seconds)")
+            rs = base.retry_schedule
+        retry = tuple(rs)
+    else:
+        retry = base.retry_schedule
+    if isinstance(queueTable, dict) and "plugin" not in queueTable:
+        queueTable = dict(queueTable, plugin="sqlite")
+    queue = c.plugin(queueTable, "queue", base.queue)
+
+    auth = c.table(top.get("auth", {}), "auth", {"checkers", "plaintext_auth"})
+    checkers = c.pluginList(auth, "checkers", "auth.") if "checkers" in auth else base.checkers
+    if "checkers" in auth and not checkers:
+        c.error("auth.checkers", "must name at least one checker")
+    plaintext = c.string(auth, "plaintext_auth", "auth", base.plaintext_auth)
+    if plaintext not in ("loopback", "always", "tls"):
+        c.error("auth.plaintext_auth", 'must be "tls" (only after TLS), "loopback" (also on loopback connections) or "always"')
+
+    router = c.plugin(top.get("routing", {"plugin": "directory"}), "routing", base.router)
+
+    hooks = c.pluginList(top, "hooks", "")
+    processors = c.pluginList(top, "processors", "")
+    converters = c.pluginList(top, "converters", "")
+
+    smtpT = c.table(top.get("smtp", {}), "smtp", set(SMTPConfig.__dataclass_fields__))
+    s0 = SMTPConfig()
+    smtp = SMTPConfig(
+        enabled=c.boolean(smtpT, "enabled", "smtp", s0.enabled),
+        listen=c.endpoints(smtpT, "listen", "smtp", s0.listen),
+        submission=c.endpoints(smtpT, "submission", "smtp", s0.submission),
+        submissions=c.endpoints(smtpT, "submissions", "smtp", s0.submissions),
+        max_message_size=c.positiveInt(smtpT, "max_message_size", "smtp", s0.max_message_size),
+        max_recipients=c.positiveInt(smtpT, "max_recipients", "smtp", s0.max_recipients),
+        idle_timeout=c.positiveInt(smtpT, "idle_timeout", "smtp", s0.idle_timeout),
+        auth_on_mx=c.boolean(smtpT, "auth_on_mx", "smtp", s0.auth_on_mx),
+    )
+
+    def access(name, default):
+        t = c.table(top.get(name, {}), name, set(AccessConfig.__dataclass_fields__))
+        return AccessConfig(
+            enabled=c.boolean(t, "enabled", name, default.enabled),
+            listen=c.endpoints(t, "listen", name, default.listen),
+            listen_tls=c.endpoints(t, "listen_tls", name, default.listen_tls),
+            idle_timeout=c.positiveInt(t, "idle_timeout", name, default.idle_timeout),
+        )
+
+    imap = access("imap", base.imap)
+    pop3 = access("pop3", base.pop3)
+    httpT = c.table(top.get("http", {}), "http", set(HTTPConfig.__dataclass_fields__))
+    http = HTTPConfig(
+        enabled=c.boolean(httpT, "enabled", "http", HTTPConfig().enabled),
+        listen=c.endpoints(httpT, "listen", "http", HTTPConfig().listen),
+    )
+
+    if c.errors:
+        raise ConfigError([f"{source}: {e}" for e in c.errors])
+    return Config(
+        hostname=hostname, data=data, certificate=certificate, key=key, plaintext_auth=plaintext,
+        store=store, queue=queue, retry_schedule=retry, checkers=tuple(checkers), router=router,
+        hooks=hooks, processors=processors, converters=converters,
+        smtp=smtp, imap=imap, pop3=pop3, http=http, source=source,
+    )

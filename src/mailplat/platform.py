@@ -1,0 +1,229 @@
+"""
+The L{Platform}: every part of a mail server built from one L{Config}, and
+the service tree that runs them.
+
+Embedders use it directly::
+
+    platform = Platform(parseConfig(text), reactor=reactor)
+    platform.makeService(roles=("smtp", "imap")).setServiceParent(application)
+
+or take single factories (C{platform.smtpFactory("mx")},
+C{platform.imapFactory()}, ...) and listen on them however they like.
+
+Construction order: directory, store, queue, checkers and portal, router,
+hooks, processors, converters — each plugin built with a
+L{PluginContext} holding what was built before it.  Every plugin name is
+looked up (and every unknown name reported) before anything listens.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service, strports
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailplat import plugins
+from mailplat.auth.realm import MailRealm
+from mailplat.auth.sasl import Registry
+from mailplat.config import Config, defaultConfig
+from mailplat.directory import Directory
+from mailplat.interfaces import PluginContext
+from mailplat.interfaces.conversion import IConverter
+from mailplat.interfaces.hooks import ISMTPHook
+from mailplat.interfaces.processing import IMessageProcessor
+from mailplat.interfaces.queue import IQueue
+from mailplat.interfaces.routing import IRouter
+from mailplat.interfaces.storage import IMessageStore
+from mailplat.metrics import Metrics
+
+_log = Logger()
+
+ROLES = ("smtp", "imap", "pop3", "http")
+
+
+class Platform:
+    def __init__(self, config: Config | None = None, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config if config is not None else defaultConfig()
+        self.dataDir = self.config.dataDir
+        os.makedirs(self.dataDir, exist_ok=True)
+        self.metrics = Metrics()
+        self.sasl = Registry()
+        self.directory = Directory(os.path.join(self.dataDir, "directory.sqlite"))
+        context = self.context = PluginContext(
+            dataDir=self.dataDir, reactor=reactor, hostname=self.config.hostname, directory=self.directory
+        )
+        errors = []
+
+        def attempt(f, default=None):
+            try:
+                return f()
+            except plugins.PluginError as e:
+                errors.append(str(e))
+                return default
+
+        self.store = attempt(lambda: plugins.build("store", self.config.store, context, IMessageStore))
+        context.store = self.store
+        self.queue = attempt(lambda: plugins.build("queue", self.config.queue, context, IQueue))
+        context.extra["queue"] = self.queue
+        checkers = [attempt(lambda c=c: plugins.build("checker", c, context)) for c in self.config.checkers]
+        self.portal = Portal(MailRealm(), [c for c in checkers if c is not None])
+        self.router = attempt(lambda: plugins.build("router", self.config.router, context, IRouter))
+        self.hooks = [attempt(lambda c=c: plugins.build("hook", c, context, ISMTPHook)) for c in self.config.hooks]
+        self.processors = [
+            attempt(lambda c=c: plugins.build("processor", c, context, IMessageProcessor)) for c in self.config.processors
+        ]
+        self.converters = []
+        for c in self.config.converters:
+            built = attempt(lambda c=c: plugins.build("converter", c, context, IConverter), [])
+            self.converters.extend(built if isinstance(built, (list, tuple)) else [built])
+        if errors:
+            raise plugins.PluginError("\n".join(errors))
+        self._tls = None
+        self._opened = None
+
+    # --- parts --------------------------------------------------------------
+
+    @property
+    def allowInsecureAuth(self):
+        return {"always": True, "tls": False, "loopback": None}[self.config.plaintext_auth]
+
+    def tlsContextFactory(self):
+        """The server TLS context: configured files, or a generated self-signed pair."""
+        if self._tls is None:
+            from mailplat.tls import ensureCertificate, serverContextFactory
+
+            if self.config.certificate:
+                cert, key = self.config.certificate, self.config.key
+            else:
+                cert, key = ensureCertificate(self.dataDir, self.config.hostname)
+            self._tls = serverContextFactory(cert, key)
+        return self._tls
+
+    def open(self):
+        """Open the store and the queue (once); fires when both are ready."""
+        if self._opened is None:
+            self._opened = defer.gatherResults([self.store.open(), self.queue.open()], consumeErrors=True)
+        return self._opened
+
+    @defer.inlineCallbacks
+    def close(self):
+        yield defer.gatherResults([self.store.close(), self.queue.close()], consumeErrors=True)
+
+    def smtpFactory(self, role="mx"):
+        from mailplat.smtp.server import SMTPFactory
+
+        c = self.config.smtp
+        return SMTPFactory(
+            hostname=self.config.hostname, portal=self.portal, router=self.router, queue=self.queue,
+            sasl=self.sasl, tlsContextFactory=self.tlsContextFactory(), role=role, hooks=self.hooks,
+            maxMessageSize=c.max_message_size, maxRecipients=c.max_recipients,
+            allowInsecureAuth=self.allowInsecureAuth, metrics=self.metrics, reactor=self.reactor,
+            idleTimeout=c.idle_timeout, **({"authOnMX": True} if (role == "mx" and c.auth_on_mx) else {}),
+        )
+
+    def imapFactory(self):
+        from mailplat.imap.server import IMAPFactory
+
+        return IMAPFactory(
+            hostname=self.config.hostname, portal=self.portal, store=self.store, sasl=self.sasl,
+            tlsContextFactory=self.tlsContextFactory(), allowInsecureAuth=self.allowInsecureAuth,
+            metrics=self.metrics, reactor=self.reactor, idleTimeout=self.config.imap.idle_timeout,
+        )
+
+    def pop3Factory(self):
+        from mailplat.pop3.server import POP3Factory
+
+        return POP3Factory(
+            hostname=self.config.hostname, portal=self.portal, store=self.store, sasl=self.sasl,
+            tlsContextFactory=self.tlsContextFactory(), allowInsecureAuth=self.allowInsecureAuth,
+            metrics=self.metrics, reactor=self.reactor, idleTimeout=self.config.pop3.idle_timeout,
+        )
+
+    def httpSite(self):
+        from mailplat.http.site import makeSite
+
+        return makeSite(metrics=self.metrics, health=self.health)
+
+    def health(self):
+        return {"store": self._opened is not None and self._opened.called}
+
+    def implicitTLS(self, factory):
+        """Wrap a protocol factory so its connections start with TLS (ports 465, 993, 995)."""
+        return TLSMemoryBIOFactory(self.tlsContextFactory(), False, factory)
+
+    def queueRunner(self):
+        from mailplat.queue.runner import QueueRunner
+
+        return QueueRunner(self.queue, self.store, self.processors, reactor=self.reactor, metrics=self.metrics,
+                           retrySchedule=self.config.retry_schedule)
+
+    # --- the service tree -----------------------------------------------------
+
+    def listeners(self, roles=ROLES):
+        """C{(name, endpoint description, factory)} for every enabled listener of C{roles}."""
+        c = self.config
+        out = []
+        if "smtp" in roles and c.smtp.enabled:
+            for desc in c.smtp.listen:
+                out.append(("smtp", desc, self.smtpFactory("mx")))
+            for desc in c.smtp.submission:
+                out.append(("submission", desc, self.smtpFactory("submission")))
+            for desc in c.smtp.submissions:
+                out.append(("submissions", desc, self.implicitTLS(self.smtpFactory("submissions"))))
+        if "imap" in roles and c.imap.enabled:
+            for desc in c.imap.listen:
+                out.append(("imap", desc, self.imapFactory()))
+            for desc in c.imap.listen_tls:
+                out.append(("imaps", desc, self.implicitTLS(self.imapFactory())))
+        if "pop3" in roles and c.pop3.enabled:
+            for desc in c.pop3.listen:
+                out.append(("pop3", desc, self.pop3Factory()))
+            for desc in c.pop3.listen_tls:
+                out.append(("pop3s", desc, self.implicitTLS(self.pop3Factory())))
+        if "http" in roles and c.http.enabled:
+            for desc in c.http.listen:
+                out.append(("http", desc, self.httpSite()))
+        return out
+
+    def makeService(self, roles=ROLES) -> service.MultiService:
+        """
+        The service tree: C{store} (opens and closes store and queue), then
+        C{queue-runner} when SMTP is among C{roles}, then one named endpoint
+        service per listener.  A listener that cannot bind stops start-up.
+        """
+        unknown = set(roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s): {', '.join(sorted(unknown))}")
+        root = service.MultiService()
+        root.setName("mailplat")
+        _StoreService(self).setServiceParent(root)
+        if "smtp" in roles and self.config.smtp.enabled:
+            self.queueRunner().setServiceParent(root)
+        for kind, desc, factory in self.listeners(roles):
+            svc = strports.service(desc, factory, reactor=self.reactor)
+            svc.setName(f"{kind} {desc}")
+            svc.setServiceParent(root)
+        return root
+
+
+class _StoreService(service.Service):
+    name = "store"
+
+    def __init__(self, platform):
+        self.platform = platform
+
+    def startService(self):
+        service.Service.startService(self)
+        d = self.platform.open()
+        d.addErrback(lambda f: _log.failure("the store could not be opened", f))
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return self.platform.close()

@@ -1,0 +1,377 @@
+"""
+The embedded queue: every accepted message, until each recipient is settled.
+
+Layout under the queue directory::
+
+    queue.sqlite      entries (envelope, arrival, attempts, next attempt)
+                      and recipients (state, last error)
+    messages/ID       the message as received, Received: header included
+
+A transaction buffers the message in memory (spilling to a temporary file
+past C{spillSize}); C{commit} hands it to the group-commit writer, which
+writes the file, syncs it with the other messages of its batch, and inserts
+the rows in one SQLite transaction.  Only then does the SMTP server say 250.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import threading
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailplat.interfaces.queue import Envelope, IQueue, IQueueFactory, IQueueTransaction, QueueEntry
+from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
+from mailplat.store.writer import WriteOp, Writer, connect, writeFile
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    envelope TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    arrival REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_due ON entries (held, next_attempt);
+CREATE TABLE IF NOT EXISTS recipients (
+    entry TEXT NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT,
+    PRIMARY KEY (entry, address)
+);
+"""
+
+PENDING_STATES = ("pending", "deferred")
+
+
+def newQueueId() -> str:
+    return secrets.token_hex(8).upper()
+
+
+def _destinationToJson(d):
+    if isinstance(d, LocalDestination):
+        return {"local": d.user, "mailbox": d.mailbox}
+    if isinstance(d, RemoteDestination):
+        return {"remote": d.address}
+    raise TypeError(f"unknown destination {d!r}")
+
+
+def _destinationFromJson(d):
+    if "local" in d:
+        return LocalDestination(d["local"], d.get("mailbox", "INBOX"))
+    return RemoteDestination(d["remote"])
+
+
+def envelopeToJson(envelope: Envelope) -> str:
+    return json.dumps(
+        {
+            "sender": envelope.sender,
+            "recipients": list(envelope.recipients),
+            "mailParams": envelope.mailParams,
+            "rcptParams": [dict(p) for p in envelope.rcptParams],
+            "clientAddress": envelope.clientAddress,
+            "clientName": envelope.clientName,
+            "authenticatedUser": envelope.authenticatedUser,
+            "protocol": envelope.protocol,
+            "routes": [[_destinationToJson(d) for d in r.destinations] for r in envelope.routes],
+        },
+        separators=(",", ":"),
+    )
+
+
+def envelopeFromJson(text: str) -> Envelope:
+    d = json.loads(text)
+    return Envelope(
+        sender=d["sender"],
+        recipients=tuple(d["recipients"]),
+        mailParams=d.get("mailParams", {}),
+        rcptParams=tuple(d.get("rcptParams", ())),
+        clientAddress=d.get("clientAddress", ""),
+        clientName=d.get("clientName", ""),
+        authenticatedUser=d.get("authenticatedUser", ""),
+        protocol=d.get("protocol", "ESMTP"),
+        routes=tuple(Route.deliver(*[_destinationFromJson(x) for x in r]) for r in d.get("routes", ())),
+    )
+
+
+@implementer(IQueueTransaction)
+class _Transaction:
+    def __init__(self, queue, envelope):
+        self._queue = queue
+        self._envelope = envelope
+        self._chunks = []
+        self._size = 0
+        self._spill = None
+        self._done = False
+
+    def write(self, data):
+        if self._done:
+            raise RuntimeError("transaction already finished")
+        self._size += len(data)
+        if self._spill is not None:
+            self._spill.write(data)
+            return
+        self._chunks.append(bytes(data))
+        if self._size > self._queue.spillSize:
+            fd, path = tempfile.mkstemp(dir=self._queue.tmpDir, prefix="in-")
+            self._spill = os.fdopen(fd, "wb")
+            self._spillPath = path
+            for c in self._chunks:
+                self._spill.write(c)
+            self._chunks = []
+
+    def commit(self):
+        if self._done:
+            return defer.fail(RuntimeError("transaction already finished"))
+        self._done = True
+        if self._spill is not None:
+            self._spill.close()
+            return self._queue._commit(self._envelope, None, self._spillPath, self._size)
+        content = b"".join(self._chunks)
+        self._chunks = []
+        return self._queue._commit(self._envelope, content, None, self._size)
+
+    def abort(self):
+        self._done = True
+        self._chunks = []
+        if self._spill is not None:
+            self._spill.close()
+            try:
+                os.unlink(self._spillPath)
+            except OSError:
+                pass
+
+
+@implementer(IQueue)
+class SQLiteQueue:
+    def __init__(self, directory: str, reactor=None, spillSize: int = 4 * 1024 * 1024):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.directory = os.path.abspath(directory)
+        self.messagesDir = os.path.join(self.directory, "messages")
+        self.tmpDir = os.path.join(self.directory, "tmp")
+        self._dbPath = os.path.join(self.directory, "queue.sqlite")
+        self._writer = Writer(self._dbPath, reactor, name="mailplat-queue-writer")
+        self.spillSize = spillSize
+        self._local = threading.local()
+        self._committedListeners = []
+
+    def open(self):
+        os.makedirs(self.messagesDir, exist_ok=True)
+        os.makedirs(self.tmpDir, exist_ok=True)
+        for leftover in os.listdir(self.tmpDir):
+            # Uncommitted spills of a previous run: never acknowledged.
+            try:
+                os.unlink(os.path.join(self.tmpDir, leftover))
+            except OSError:
+                pass
+        db = connect(self._dbPath)
+        try:
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+        self._writer.start()
+        return defer.succeed(None)
+
+    def close(self):
+        return self._writer.stop()
+
+    def onCommitted(self, callback):
+        """Call C{callback(queueId)} on the reactor after each commit (the runner's kick)."""
+        self._committedListeners.append(callback)
+
+    def begin(self, envelope):
+        return _Transaction(self, envelope)
+
+    def path(self, queueId: str) -> str:
+        return os.path.join(self.messagesDir, queueId)
+
+    def _commit(self, envelope, content, spillPath, size):
+        qid = newQueueId()
+        path = self.path(qid)
+        now = self._reactor.seconds()
+        envJson = envelopeToJson(envelope)
+
+        def prepare():
+            if content is not None:
+                writeFile(path, content)
+            else:
+                os.rename(spillPath, path)
+            return [path], [self.messagesDir]
+
+        def apply(db):
+            db.execute(
+                "INSERT INTO entries (id, envelope, size, arrival, next_attempt) VALUES (?, ?, ?, ?, ?)",
+                (qid, envJson, size, now, now),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO recipients (entry, address) VALUES (?, ?)",
+                [(qid, r) for r in envelope.recipients],
+            )
+            return qid
+
+        def onFailure():
+            for p in (path, spillPath):
+                if p:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+
+        d = self._writer.submit(WriteOp(apply, prepare, None, onFailure))
+
+        def notify(q):
+            for cb in self._committedListeners:
+                cb(q)
+            return q
+
+        return d.addCallback(notify)
+
+    def _read(self, f):
+        def run():
+            db = getattr(self._local, "db", None)
+            if db is None:
+                db = self._local.db = connect(self._dbPath)
+            db.execute("BEGIN")
+            try:
+                return f(db)
+            finally:
+                db.execute("COMMIT")
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+
+    def _entries(self, db, where, args, limit=None):
+        sql = "SELECT id, envelope, size, arrival, attempts, next_attempt, held FROM entries " + where
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        out = []
+        for qid, env, size, arrival, attempts, nxt, held in db.execute(sql, args).fetchall():
+            pending = tuple(
+                r[0]
+                for r in db.execute(
+                    "SELECT address FROM recipients WHERE entry=? AND state IN ('pending', 'deferred')", (qid,)
+                )
+            )
+            out.append(QueueEntry(qid, envelopeFromJson(env), self.path(qid), size, arrival, attempts, pending))
+        return out
+
+    def due(self, now, limit=100):
+        return self._read(
+            lambda db: self._entries(db, "WHERE held=0 AND next_attempt<=? ORDER BY next_attempt", (now,), limit)
+        )
+
+    def listEntries(self):
+        return self._read(lambda db: self._entries(db, "ORDER BY arrival", ()))
+
+    def details(self, queueId):
+        """Fires with C{(entry, [(address, state, last_error)], held, nextAttempt)} or C{None}."""
+
+        def run(db):
+            entries = self._entries(db, "WHERE id=?", (queueId,))
+            if not entries:
+                return None
+            rcpts = db.execute(
+                "SELECT address, state, last_error FROM recipients WHERE entry=? ORDER BY address", (queueId,)
+            ).fetchall()
+            held, nxt = db.execute("SELECT held, next_attempt FROM entries WHERE id=?", (queueId,)).fetchone()
+            return entries[0], rcpts, bool(held), nxt
+
+        return self._read(run)
+
+    def settle(self, queueId, delivered, failed, deferred, retryAt=None):
+        state = {}
+
+        def apply(db):
+            for a in delivered:
+                db.execute("UPDATE recipients SET state='delivered', last_error=NULL WHERE entry=? AND address=?", (queueId, a))
+            for a, reason in failed:
+                db.execute("UPDATE recipients SET state='failed', last_error=? WHERE entry=? AND address=?", (reason, queueId, a))
+            for a, reason in deferred:
+                db.execute("UPDATE recipients SET state='deferred', last_error=? WHERE entry=? AND address=?", (reason, queueId, a))
+            left = db.execute(
+                "SELECT COUNT(*) FROM recipients WHERE entry=? AND state IN ('pending', 'deferred')", (queueId,)
+            ).fetchone()[0]
+            if left == 0:
+                db.execute("DELETE FROM entries WHERE id=?", (queueId,))
+                state["done"] = True
+            else:
+                db.execute(
+                    "UPDATE entries SET attempts=attempts+1, next_attempt=? WHERE id=?",
+                    (retryAt if retryAt is not None else self._reactor.seconds(), queueId),
+                )
+            return left
+
+        def after(left):
+            if state.get("done"):
+                try:
+                    os.unlink(self.path(queueId))
+                except FileNotFoundError:
+                    pass
+
+        return self._writer.submit(WriteOp(apply, None, after))
+
+    def _setHeld(self, queueId, held, now=None):
+        def apply(db):
+            sql = "UPDATE entries SET held=?" + (", next_attempt=?" if now is not None else "") + " WHERE id=?"
+            args = (held, now, queueId) if now is not None else (held, queueId)
+            if not db.execute(sql, args).rowcount:
+                raise KeyError(queueId)
+
+        return self._writer.submit(WriteOp(apply))
+
+    def hold(self, queueId):
+        return self._setHeld(queueId, 1)
+
+    def release(self, queueId):
+        return self._setHeld(queueId, 0, self._reactor.seconds())
+
+    def retryNow(self, queueId=None):
+        """Make one entry (or every entry) due now."""
+
+        def apply(db):
+            if queueId is None:
+                return db.execute("UPDATE entries SET next_attempt=? WHERE held=0", (0,)).rowcount
+            n = db.execute("UPDATE entries SET next_attempt=? WHERE id=?", (0, queueId)).rowcount
+            if not n:
+                raise KeyError(queueId)
+            return n
+
+        return self._writer.submit(WriteOp(apply))
+
+    def delete(self, queueId):
+        def apply(db):
+            if not db.execute("DELETE FROM entries WHERE id=?", (queueId,)).rowcount:
+                raise KeyError(queueId)
+
+        def after(_):
+            try:
+                os.unlink(self.path(queueId))
+            except FileNotFoundError:
+                pass
+
+        return self._writer.submit(WriteOp(apply, None, after))
+
+
+@implementer(IPlugin, IQueueFactory)
+class SQLiteQueueFactory:
+    name = "sqlite"
+    description = "SQLite index (WAL) and one file per queued message, under the data directory (the embedded default)."
+
+    def build(self, args, context):
+        unknown = set(args) - {"path"}
+        if unknown:
+            raise ValueError(f"unknown argument(s) for queue 'sqlite': {', '.join(sorted(unknown))}; known: path")
+        path = args.get("path", "queue")
+        if not isinstance(path, str) or not path:
+            raise ValueError("queue 'sqlite': path must be a non-empty string")
+        return SQLiteQueue(os.path.join(context.dataDir, path), context.reactor)

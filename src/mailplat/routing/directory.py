@@ -1,0 +1,125 @@
+"""
+The built-in router: domains, users and aliases from the embedded
+L{mailplat.directory.Directory}.
+
+For an address in a served domain: a user gets its INBOX; C{user+detail}
+(sub-addressing, RFC 5233) goes to C{user}; an alias expands to its targets
+(recursively, at most 10 levels; remote targets are forwarded through the
+outbound queue); anything else is C{550 5.1.1}.  For any other domain the
+address is relayed only for an authenticated or trusted client, otherwise
+C{550 5.7.1}: mailplat is never an open relay.  Tricks such as
+C{user%other@ours} or C{"user@other"@ours} name a local part that is not a
+user here, so they get C{550 5.1.1}, never relaying.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailplat.directory import DirectoryError, normaliseAddress, normaliseDomain
+from mailplat.interfaces.routing import IRouter, IRouterFactory, LocalDestination, RemoteDestination, Route
+
+MAX_ALIAS_DEPTH = 10
+
+
+@implementer(IRouter)
+class DirectoryRouter:
+    def __init__(self, directory, reactor, trustedNetworks=()):
+        self._directory = directory
+        self._reactor = reactor
+        self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
+
+    def isTrusted(self, clientAddress: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(clientAddress.split("%")[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trustedNetworks)
+
+    def isLocalDomain(self, domain):
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._directory.hasDomain, domain)
+
+    def route(self, request):
+        trusted = request.trusted or self.isTrusted(request.clientAddress)
+        return deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self._route, request.address, request.authenticated, trusted
+        )
+
+    def _route(self, address, authenticated, trusted):
+        if address.count("@") != 1:
+            if "@" not in address:
+                return Route.reject(550, "5.1.3", "Recipient address must be user@domain")
+            # "user@other"@ours after unquoting, or user@other@ours: never relayed.
+            local, _, domain = address.rpartition("@")
+            if self._isLocal(domain):
+                return Route.reject(550, "5.1.1", "No such user here")
+            return Route.reject(550, "5.7.1", "Relay access denied")
+        local, _, domain = address.partition("@")
+        if domain.startswith("["):
+            # An address literal: ours only if it is one of our addresses, which we
+            # do not claim; relaying rules apply.
+            if authenticated or trusted:
+                return Route.deliver(RemoteDestination(address))
+            return Route.reject(550, "5.7.1", "Relay access denied")
+        if self._isLocal(domain):
+            dests = self._expand(address, 0)
+            if dests is None:
+                return Route.reject(550, "5.1.1", "No such user here")
+            return Route.deliver(*dests)
+        if authenticated or trusted:
+            return Route.deliver(RemoteDestination(address))
+        return Route.reject(550, "5.7.1", "Relay access denied")
+
+    def _isLocal(self, domain):
+        try:
+            return self._directory.hasDomain(normaliseDomain(domain))
+        except DirectoryError:
+            return False
+
+    def _expand(self, address, depth):
+        try:
+            canon = normaliseAddress(address)
+        except DirectoryError:
+            return None
+        local, domain = canon.split("@")
+        if not self._isLocal(domain):
+            return [RemoteDestination(address)]
+        candidates = [canon]
+        if "+" in local:
+            candidates.append(f"{local.split('+', 1)[0]}@{domain}")
+        for candidate in candidates:
+            if self._directory.hasUser(candidate):
+                return [LocalDestination(candidate)]
+            targets = self._directory.aliasTargets(candidate)
+            if targets:
+                if depth >= MAX_ALIAS_DEPTH:
+                    return None
+                out = []
+                for t in targets:
+                    expanded = self._expand(t, depth + 1)
+                    if expanded:
+                        for d in expanded:
+                            if d not in out:
+                                out.append(d)
+                return out or None
+        return None
+
+
+@implementer(IPlugin, IRouterFactory)
+class DirectoryRouterFactory:
+    name = "directory"
+    description = "Domains, users and aliases from the embedded directory; relaying only when authenticated or trusted."
+
+    def build(self, args, context):
+        unknown = set(args) - {"trusted_networks"}
+        if unknown:
+            raise ValueError(f"unknown argument(s) for router 'directory': {', '.join(sorted(unknown))}; known: trusted_networks")
+        nets = args.get("trusted_networks", [])
+        try:
+            return DirectoryRouter(context.directory, context.reactor, nets)
+        except ValueError as e:
+            raise ValueError(f"router 'directory': bad trusted_networks entry: {e}")
