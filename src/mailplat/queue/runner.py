@@ -143,58 +143,80 @@ class QueueRunner(Service):
 
         original = yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _readFile, entry.path)
         destinations = tuple(d for ds in byRecipient.values() for d in ds)
-        item = ProcessingItem(entry.queueId, env.sender, original, destinations, env.clientAddress, env.authenticatedUser)
+        # Groups of destinations that share one content: a processor applied to
+        # a subset splits a group in two.
+        groups = [ProcessingItem(entry.queueId, env.sender, original, destinations, env.clientAddress,
+                                 env.authenticatedUser)]
         for processor in self.processors:
-            try:
-                selected = tuple(processor.matches(item))
-                if not selected:
-                    continue
-                rest = tuple(d for d in item.destinations if d not in selected)
-                sub = ProcessingItem(item.queueId, item.sender, item.content, selected, item.clientAddress,
-                                     item.authenticatedUser, list(item.headersAdded))
-                yield defer.maybeDeferred(processor.process, sub)
-                item.content = sub.content
-                item.destinations = rest + tuple(sub.destinations)
-            except Exception:
-                policy = getattr(processor, "errorPolicy", "retry")
-                _log.failure("processor {name} failed on {queueId} (policy {policy})",
-                             name=getattr(processor, "name", processor), queueId=entry.queueId, policy=policy)
-                if policy == "skip":
-                    continue
-                if policy == "bounce":
-                    yield self.queue.settle(entry.queueId, [], [(r, "5.3.0 message processing failed") for r in byRecipient], [])
+            newGroups = []
+            for item in groups:
+                try:
+                    selected = tuple(processor.matches(item))
+                    if not selected:
+                        newGroups.append(item)
+                        continue
+                    rest = tuple(d for d in item.destinations if d not in selected)
+                    sub = ProcessingItem(item.queueId, item.sender, item.content, selected, item.clientAddress,
+                                         item.authenticatedUser, list(item.headersAdded))
+                    yield defer.maybeDeferred(processor.process, sub)
+                except Exception:
+                    policy = getattr(processor, "errorPolicy", "retry")
+                    _log.failure("processor {name} failed on {queueId} (policy {policy})",
+                                 name=getattr(processor, "name", processor), queueId=entry.queueId, policy=policy)
+                    if policy == "skip":
+                        newGroups.append(item)
+                        continue
+                    if policy == "bounce":
+                        yield self.queue.settle(entry.queueId, [],
+                                                [(r, "5.3.0 message processing failed") for r in byRecipient], [])
+                        return
+                    yield self.queue.settle(entry.queueId, [], [],
+                                            [(r, "4.3.0 message processing failed") for r in byRecipient],
+                                            retryAt=self._retryAt(entry.attempts))
                     return
-                yield self.queue.settle(entry.queueId, [], [], [(r, "4.3.0 message processing failed") for r in byRecipient],
-                                        retryAt=self._retryAt(entry.attempts))
-                return
+                if rest:
+                    newGroups.append(ProcessingItem(item.queueId, item.sender, item.content, rest, item.clientAddress,
+                                                    item.authenticatedUser, list(item.headersAdded)))
+                if sub.destinations:
+                    newGroups.append(sub)
+            groups = newGroups
 
-        source = entry.path if item.content is original else item.content
-        kept = set(item.destinations)
+        def sourceFor(dest):
+            for g in groups:
+                if dest in g.destinations:
+                    return entry.path if g.content is original else g.content
+            return None
+
         delivered, failed, deferred = [], [], []
         for rcpt, dests in byRecipient.items():
-            mine = [d for d in dests if d in kept]
-            # Destinations a processor added (redirects) belong to every recipient equally.
-            status = yield self._deliverAll(entry, rcpt, mine, source)
+            mine = [(d, sourceFor(d)) for d in dests]
+            status = yield self._deliverAll(entry, [(d, src) for d, src in mine if src is not None])
             if status is None:
                 delivered.append(rcpt)
             elif status[0] == "failed":
                 failed.append((rcpt, status[1]))
             else:
                 deferred.append((rcpt, status[1]))
-        added = [d for d in item.destinations if not any(d in ds for ds in byRecipient.values())]
+        original_dests = {d for ds in byRecipient.values() for d in ds}
+        added = [(d, entry.path if g.content is original else g.content)
+                 for g in groups for d in g.destinations if d not in original_dests]
         if added:
-            status = yield self._deliverAll(entry, "", added, source)
-            if status is not None and status[0] == "deferred" and not deferred:
-                deferred = [(r, status[1]) for r in delivered]
+            # Destinations a processor added (redirects) belong to every recipient.
+            status = yield self._deliverAll(entry, added)
+            if status is not None and status[0] == "deferred":
+                deferred += [(r, status[1]) for r in delivered]
                 delivered = []
         yield self.queue.settle(entry.queueId, delivered, failed, deferred,
                                 retryAt=self._retryAt(entry.attempts) if deferred else None)
 
     @defer.inlineCallbacks
-    def _deliverAll(self, entry, rcpt, destinations, source):
-        """None when every destination succeeded; else ("failed"|"deferred", reason)."""
+    def _deliverAll(self, entry, destinations):
+        """
+        Deliver to C{(destination, source)} pairs.  None when every one succeeded;
+        else C{("failed"|"deferred", reason)}.
+        """
         worst = None
-        for dest in destinations:
+        for dest, source in destinations:
             if isinstance(dest, LocalDestination):
                 try:
                     yield self.store.append(dest.user, dest.mailbox, source,

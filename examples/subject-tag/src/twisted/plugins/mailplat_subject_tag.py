@@ -1,0 +1,3 @@
+from mailplat_subject_tag import SubjectTaggerFactory
+
+subjectTag = SubjectTaggerFactory()

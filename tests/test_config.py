@@ -1,0 +1,77 @@
+import os
+
+import pytest
+
+from mailplat.config import Config, ConfigError, defaultConfig, loadConfig, parseConfig
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "mailplat.toml")
+
+
+def test_exampleConfigLoadsAndMatchesDefaults():
+    config = loadConfig(EXAMPLE)
+    default = Config()
+    assert config.smtp == default.smtp
+    assert config.imap == default.imap
+    assert config.pop3 == default.pop3
+    assert config.http == default.http
+    assert config.store.plugin == "sqlite" and config.store.args == {"path": "store"}
+    assert config.checkers[0].plugin == "directory"
+    assert config.hostname == "mail.example.org"
+
+
+def test_emptyConfigIsTheEmbeddedDefault():
+    c = parseConfig("")
+    assert c.smtp.listen == ("tcp:2525:interface=127.0.0.1",)
+    assert c.imap.listen_tls == ("tcp:2993:interface=127.0.0.1",)
+    assert c.pop3.listen == ("tcp:2110:interface=127.0.0.1",)
+    assert c.http.listen == ("tcp:8080:interface=127.0.0.1",)
+    assert defaultConfig("/x").data == "/x"
+
+
+def test_everyErrorReportedWithItsPath():
+    with pytest.raises(ConfigError) as e:
+        parseConfig(
+            """
+[server]
+hostnme = "x"
+[smtp]
+max_message_size = -1
+listen = ["nonsense:1"]
+[auth]
+plaintext_auth = "sometimes"
+[[processors]]
+args = {}
+[tls]
+certificate = "/nonexistent.pem"
+""",
+            "test.toml",
+        )
+    errors = e.value.errors
+    joined = "\n".join(errors)
+    assert "test.toml: server.hostnme: unknown key" in joined
+    assert "smtp.max_message_size: must be a positive integer" in joined
+    assert "smtp.listen[0]: not a valid server endpoint string" in joined
+    assert "auth.plaintext_auth" in joined
+    assert "processors[0].plugin: is required" in joined
+    assert "tls: certificate and key must be given together" in joined
+    assert len(errors) >= 6
+
+
+def test_badToml():
+    with pytest.raises(ConfigError) as e:
+        parseConfig("[smtp\n", "x.toml")
+    assert "not valid TOML" in str(e.value)
+
+
+def test_pluginShorthandAndArgs():
+    c = parseConfig('[[processors]]\nplugin = "subject-tag"\nargs = { tag = "[x]" }\n[routing]\nplugin = "directory"\n')
+    assert c.processors[0].plugin == "subject-tag"
+    assert c.processors[0].args == {"tag": "[x]"}
+    c = parseConfig('processors = ["a", "b"]')
+    assert [p.plugin for p in c.processors] == ["a", "b"]
+
+
+def test_missingFile(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        loadConfig(str(tmp_path / "nope.toml"))
+    assert "cannot read" in str(e.value)

@@ -1,0 +1,82 @@
+import pytest
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from mailplat.directory import Directory, DirectoryError
+from mailplat.interfaces.routing import LocalDestination, RemoteDestination, RoutingRequest
+from mailplat.routing.directory import DirectoryRouter
+
+
+def makeDirectory(path):
+    d = Directory(str(path))
+    d.addDomain("Example.ORG")
+    d.addUser("Alice@example.org", "hash-a")
+    d.addUser("bob@example.org", "hash-b")
+    d.addAlias("team@example.org", ["alice@example.org", "bob@example.org"])
+    d.addAlias("outside@example.org", ["friend@elsewhere.example"])
+    d.addAlias("loop1@example.org", ["loop2@example.org"])
+    d.addAlias("loop2@example.org", ["loop1@example.org"])
+    return d
+
+
+def test_directoryRules(tmp_path):
+    d = makeDirectory(tmp_path / "dir.sqlite")
+    assert d.listDomains() == ["example.org"]
+    assert d.listUsers() == ["alice@example.org", "bob@example.org"]
+    assert d.getPasswordHash("ALICE@Example.org") == "hash-a"
+    with pytest.raises(DirectoryError, match="already exists"):
+        d.addUser("alice@example.org", "x")
+    with pytest.raises(DirectoryError, match="not served here"):
+        d.addUser("carol@other.example", "x")
+    with pytest.raises(DirectoryError, match="is a user"):
+        d.addAlias("alice@example.org", ["bob@example.org"])
+    with pytest.raises(DirectoryError, match="still has"):
+        d.removeDomain("example.org")
+    with pytest.raises(DirectoryError):
+        d.addDomain("bad domain!")
+    with pytest.raises(DirectoryError):
+        d.addUser("no-at-sign", "x")
+    d.removeAlias("team@example.org")
+    assert "team@example.org" not in d.listAliases()
+
+
+class RouterTests(unittest.TestCase):
+    def setUp(self):
+        self.router = DirectoryRouter(makeDirectory(self.mktemp()), reactor, trustedNetworks=["10.0.0.0/8"])
+
+    def route(self, address, **kw):
+        return defer.ensureDeferred(self._route(address, **kw))
+
+    async def _route(self, address, **kw):
+        return await self.router.route(RoutingRequest(address, **kw))
+
+    @defer.inlineCallbacks
+    def test_localUsersAliasesSubaddresses(self):
+        r = yield self.route("ALICE@Example.Org")
+        self.assertEqual(r.destinations, (LocalDestination("alice@example.org"),))
+        r = yield self.route("alice+lists@example.org")
+        self.assertEqual(r.destinations, (LocalDestination("alice@example.org"),))
+        r = yield self.route("team@example.org")
+        self.assertEqual(set(r.destinations), {LocalDestination("alice@example.org"), LocalDestination("bob@example.org")})
+        r = yield self.route("outside@example.org")
+        self.assertEqual(r.destinations, (RemoteDestination("friend@elsewhere.example"),))
+
+    @defer.inlineCallbacks
+    def test_unknownAndLoops(self):
+        for address in ("nobody@example.org", "loop1@example.org"):
+            r = yield self.route(address)
+            self.assertEqual((r.code, r.enhanced), (550, "5.1.1"), address)
+
+    @defer.inlineCallbacks
+    def test_noOpenRelay(self):
+        for address in ("x@elsewhere.example", "x@[192.0.2.1]", "user@other@example.org",
+                        "user%other.example@example.org", "x@example.org.evil.example"):
+            r = yield self.route(address)
+            self.assertFalse(r.accepted, address)
+            self.assertEqual(r.code, 550, address)
+        r = yield self.route("x@elsewhere.example", authenticated=True)
+        self.assertEqual(r.destinations, (RemoteDestination("x@elsewhere.example"),))
+        r = yield self.route("x@elsewhere.example", clientAddress="10.1.2.3")
+        self.assertTrue(r.accepted)
+        r = yield self.route("x@elsewhere.example", clientAddress="11.1.2.3")
+        self.assertFalse(r.accepted)
