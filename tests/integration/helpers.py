@@ -83,7 +83,8 @@ def waitForPort(port, timeout=30.0, proc=None):
 
 
 class MailplatProcess:
-    def __init__(self, workdir, args=(), ports=None, env=None, plugin="mailplat"):
+    def __init__(self, workdir, args=(), ports=None, env=None, plugin="mailplat", python=sys.executable):
+        self.python = python
         self.workdir = workdir
         self.args = list(args)
         self.ports = ports or DEFAULT_PORTS
@@ -96,7 +97,7 @@ class MailplatProcess:
         env = dict(os.environ, **(self.env or {}))
         self.log = open(self.logPath, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "--pidfile=", "-n", "--logfile=-", self.plugin, *self.args],
+            [self.python, "-m", "twisted", "--pidfile=", "-n", "--logfile=-", self.plugin, *self.args],
             cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         for name in waitFor or self.ports:
