@@ -12,6 +12,7 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from zope.interface import alsoProvides
 
@@ -543,7 +544,7 @@ class SocketTests(unittest.TestCase):
             self.store.append("alice", "INBOX", m)
         self.lost = []
 
-    def listen(self, **kwargs):
+    def listen(self, implicitTLS=None, **kwargs):
         factory = POP3Factory(hostname="localhost", portal=memoryPortal(USERS), store=self.store, **kwargs)
         build = factory.buildProtocol
 
@@ -561,6 +562,8 @@ class SocketTests(unittest.TestCase):
             return proto
 
         factory.buildProtocol = buildProtocol
+        if implicitTLS is not None:
+            factory = TLSMemoryBIOFactory(implicitTLS, False, factory)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.addCleanup(lambda: defer.DeferredList(self.lost))
@@ -667,3 +670,24 @@ class SocketTests(unittest.TestCase):
         self.assertIn("USER", after)
         self.assertEqual(b"\r\n".join(lines) + b"\r\n", MSG1)
         self.assertIsNotNone(cipher)
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_pop3s(self):
+        cert, key = tls.ensureCertificate(self.mktemp())
+        contextFactory = tls.serverContextFactory(cert, key)
+        port = self.listen(implicitTLS=contextFactory, tlsContextFactory=contextFactory, allowInsecureAuth=False)
+
+        def client():
+            p = poplib.POP3_SSL("127.0.0.1", port, context=ssl.create_default_context(cafile=cert), timeout=10)
+            try:
+                caps = p.capa()
+                p.user("alice")
+                p.pass_("secret")
+                return caps, p.stat()
+            finally:
+                p.quit()
+
+        caps, stat = yield threads.deferToThread(client)
+        self.assertNotIn("STLS", caps)
+        self.assertIn("USER", caps)
+        self.assertEqual(stat[0], 3)

@@ -503,7 +503,10 @@ def test_body_pipelined_before_354_is_body():
     s.factory.reactor = clock
     s.replies()
     s.ehlo()
-    s.send("MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    s.send(
+        "MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        "Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
     assert [c for c, _ in s.replies()] == [250]
     clock.advance(10)
     assert [c for c, _ in s.replies()] == [250, 354, 250, 221]
@@ -886,3 +889,33 @@ class RealSocketTests(unittest.TestCase):
         self.assertEqual(rejected, (550, b"5.1.1 No such user here"))
         self.assertEqual(ok[0], 235)
         self.assertEqual(self.queue.committed[0][1].recipients, ("remote@elsewhere.example",))
+
+    @defer.inlineCallbacks
+    def test_starttls_injection_over_real_socket(self):
+        """Plaintext pipelined after STARTTLS is not executed inside TLS."""
+        port = self.listen()
+
+        def client():
+            import socket
+
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                f = raw.makefile("rb")
+                assert f.readline().startswith(b"220 ")
+                raw.sendall(b"EHLO client.example\r\nSTARTTLS\r\nMAIL FROM:<evil@example.net>\r\n")
+                while not f.readline().startswith(b"250 "):
+                    pass
+                assert f.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tf = tls.makefile("rb")
+                    tls.sendall(b"MAIL FROM:<a@example.net>\r\n")
+                    first = tf.readline()
+                    tls.sendall(b"QUIT\r\n")
+                    return first, tf.readline()
+
+        first, second = yield threads.deferToThread(client)
+        # the injected MAIL never ran: EHLO is needed again, nothing was accepted before
+        self.assertEqual(first, b"503 5.5.1 Send HELO/EHLO first\r\n")
+        self.assertEqual(second, b"221 2.0.0 Bye\r\n")

@@ -15,6 +15,9 @@ import subprocess
 import sys
 import time
 
+#: Runs twistd with whichever interpreter is given it (python -c TWISTD ...).
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
 DEFAULT_PORTS = {
     "smtp": 2525,
     "submission": 2587,
@@ -97,7 +100,7 @@ class MailplatProcess:
         env = dict(os.environ, **(self.env or {}))
         self.log = open(self.logPath, "ab")
         self.proc = subprocess.Popen(
-            [self.python, "-m", "twisted", "--pidfile=", "-n", "--logfile=-", self.plugin, *self.args],
+            [self.python, "-c", TWISTD, "--pidfile=", "-n", "--logfile=-", self.plugin, *self.args],
             cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         for name in waitFor or self.ports:

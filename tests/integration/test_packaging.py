@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import MailplatProcess, configForPorts, freePorts
+from helpers import TWISTD, MailplatProcess, configForPorts, freePorts
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_installedNotEditable(venv):
 
 
 def test_twistdListsEveryPlugin(venv):
-    out = run(venv, "-m", "twisted", "--help", cwd="/")
+    out = run(venv, "-c", TWISTD, "--help", cwd="/")
     for name in ("mailplat", "mailplat-smtp", "mailplat-imap", "mailplat-pop3", "mailplat-http"):
         assert f"    {name} " in out, out
 
@@ -94,7 +94,7 @@ def test_unknownPluginStopsStartup(venv, tmp_path):
     assert r.returncode == 1
     assert "unknown store plugin 'nosuch' (known: sqlite)" in r.stderr
     assert "unknown processor plugin 'alsomissing' (known: subject-tag)" in r.stderr
-    r = subprocess.run([venv, "-m", "twisted", "-n", "mailplat", "--config", "bad.toml"], cwd=tmp_path,
+    r = subprocess.run([venv, "-c", TWISTD, "--pidfile=", "-n", "mailplat", "--config", "bad.toml"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "unknown store plugin 'nosuch'" in r.stdout + r.stderr

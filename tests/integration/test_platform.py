@@ -15,12 +15,14 @@ import urllib.request
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, mailplatCommand
+from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand, waitForPort
 
 pytestmark = pytest.mark.integration
 
 HOST = "127.0.0.1"
 USER = "alice@example.org"
+#: This module's listeners, on free ports (filled in by the server fixture).
+PORTS = {}
 PASSWORD = "correct horse battery staple"
 
 
@@ -42,10 +44,12 @@ def makeMessage(subject, body="Hello.\r\n.leading dot line\r\n..two dots\r\n"):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("platform")
+    PORTS.update(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
+    (workdir / "mailplat.toml").write_text(configForPorts(PORTS, str(workdir / "data")))
     for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(workdir, *args, input=inp)
+        r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
         assert r.returncode == 0, r.stderr
-    proc = MailplatProcess(str(workdir)).start()
+    proc = MailplatProcess(str(workdir), ["--config", "mailplat.toml"], ports=PORTS).start()
     yield proc
     proc.stop()
 
@@ -65,7 +69,7 @@ def imapFetchAll(imap):
 def waitForMessage(subject, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with imaplib.IMAP4(HOST, DEFAULT_PORTS["imap"]) as imap:
+        with imaplib.IMAP4(HOST, PORTS["imap"]) as imap:
             imap.login(USER, PASSWORD)
             for uid, raw in imapFetchAll(imap).items():
                 if f"Subject: {subject}\r\n".encode() in raw:
@@ -85,7 +89,7 @@ def stripReceived(raw: bytes) -> bytes:
 
 def test_smtpToImapAndPop3ByteIdentical(server):
     msg = makeMessage("plain-path")
-    with smtplib.SMTP(HOST, DEFAULT_PORTS["smtp"]) as s:
+    with smtplib.SMTP(HOST, PORTS["smtp"]) as s:
         s.ehlo("client.example.net")
         refused = s.sendmail("bob@example.net", [USER], msg)
         assert refused == {}
@@ -93,7 +97,7 @@ def test_smtpToImapAndPop3ByteIdentical(server):
     assert stripReceived(raw) == msg
     assert b"by mail.example.org" in raw or b"by localhost" in raw
 
-    pop = poplib.POP3(HOST, DEFAULT_PORTS["pop3"])
+    pop = poplib.POP3(HOST, PORTS["pop3"])
     try:
         pop.user(USER)
         pop.pass_(PASSWORD)
@@ -114,20 +118,20 @@ def test_smtpToImapAndPop3ByteIdentical(server):
 
 def test_startTLSEverywhere(server):
     msg = makeMessage("starttls-path")
-    with smtplib.SMTP(HOST, DEFAULT_PORTS["smtp"]) as s:
+    with smtplib.SMTP(HOST, PORTS["smtp"]) as s:
         s.starttls(context=tlsContext())
         s.ehlo()
         s.sendmail("bob@example.net", [USER], msg)
     assert stripReceived(waitForMessage("starttls-path")) == msg
 
-    imap = imaplib.IMAP4(HOST, DEFAULT_PORTS["imap"])
+    imap = imaplib.IMAP4(HOST, PORTS["imap"])
     imap.starttls(ssl_context=tlsContext())
     imap.login(USER, PASSWORD)
     bodies = imapFetchAll(imap)
     imap.logout()
     assert any(stripReceived(b) == msg for b in bodies.values())
 
-    pop = poplib.POP3(HOST, DEFAULT_PORTS["pop3"])
+    pop = poplib.POP3(HOST, PORTS["pop3"])
     pop.stls(context=tlsContext())
     pop.user(USER)
     pop.pass_(PASSWORD)
@@ -137,12 +141,12 @@ def test_startTLSEverywhere(server):
 
 def test_implicitTLSAndSubmission(server):
     msg = makeMessage("submissions-path")
-    with smtplib.SMTP_SSL(HOST, DEFAULT_PORTS["submissions"], context=tlsContext()) as s:
+    with smtplib.SMTP_SSL(HOST, PORTS["submissions"], context=tlsContext()) as s:
         s.login(USER, PASSWORD)
         s.sendmail(USER, [USER], msg)
     assert stripReceived(waitForMessage("submissions-path")) == msg
 
-    with smtplib.SMTP(HOST, DEFAULT_PORTS["submission"]) as s:
+    with smtplib.SMTP(HOST, PORTS["submission"]) as s:
         s.ehlo()
         with pytest.raises(smtplib.SMTPSenderRefused) as e:
             s.sendmail(USER, [USER], msg)
@@ -152,12 +156,12 @@ def test_implicitTLSAndSubmission(server):
         s.sendmail(USER, [USER], makeMessage("submission-path"))
     waitForMessage("submission-path")
 
-    imap = imaplib.IMAP4_SSL(HOST, DEFAULT_PORTS["imaps"], ssl_context=tlsContext())
+    imap = imaplib.IMAP4_SSL(HOST, PORTS["imaps"], ssl_context=tlsContext())
     imap.login(USER, PASSWORD)
     assert any(stripReceived(b) == msg for b in imapFetchAll(imap).values())
     imap.logout()
 
-    pop = poplib.POP3_SSL(HOST, DEFAULT_PORTS["pop3s"], context=tlsContext())
+    pop = poplib.POP3_SSL(HOST, PORTS["pop3s"], context=tlsContext())
     pop.user(USER)
     pop.pass_(PASSWORD)
     assert pop.stat()[0] >= 1
@@ -165,7 +169,7 @@ def test_implicitTLSAndSubmission(server):
 
 
 def test_noOpenRelay(server):
-    with smtplib.SMTP(HOST, DEFAULT_PORTS["smtp"]) as s:
+    with smtplib.SMTP(HOST, PORTS["smtp"]) as s:
         s.ehlo()
         s.mail("bob@example.net")
         code, text = s.rcpt("someone@elsewhere.example")
@@ -179,10 +183,10 @@ def test_noOpenRelay(server):
 
 
 def test_healthAndMetrics(server):
-    with urllib.request.urlopen(f"http://{HOST}:{DEFAULT_PORTS['http']}/healthz", timeout=10) as r:
+    with urllib.request.urlopen(f"http://{HOST}:{PORTS['http']}/healthz", timeout=10) as r:
         assert r.status == 200
         assert json.loads(r.read())["status"] == "ok"
-    with urllib.request.urlopen(f"http://{HOST}:{DEFAULT_PORTS['http']}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"http://{HOST}:{PORTS['http']}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert "mailplat_messages_received_total" in text
     received = [l for l in text.splitlines() if l.startswith("mailplat_messages_received_total")]
@@ -192,7 +196,7 @@ def test_healthAndMetrics(server):
 def test_sigkillAfter250LosesNothing(server, tmp_path):
     """Each message acknowledged with 250 survives an immediate SIGKILL."""
     subjects = [f"crash-{i}" for i in range(5)]
-    s = smtplib.SMTP(HOST, DEFAULT_PORTS["smtp"])
+    s = smtplib.SMTP(HOST, PORTS["smtp"])
     for subject in subjects:
         assert s.sendmail("bob@example.net", [USER], makeMessage(subject)) == {}
     server.kill()
@@ -202,8 +206,31 @@ def test_sigkillAfter250LosesNothing(server, tmp_path):
         raw = waitForMessage(subject)
         assert stripReceived(raw) == makeMessage(subject)
     # Exactly once each.
-    with imaplib.IMAP4(HOST, DEFAULT_PORTS["imap"]) as imap:
+    with imaplib.IMAP4(HOST, PORTS["imap"]) as imap:
         imap.login(USER, PASSWORD)
         bodies = imapFetchAll(imap).values()
         for subject in subjects:
             assert sum(1 for b in bodies if f"Subject: {subject}\r\n".encode() in b) == 1
+
+
+def test_embeddedDefaultWithoutConfig(tmp_path):
+    """No config at all: data under ./mailplat-data and every documented loopback port."""
+    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
+        r = mailplatCommand(tmp_path, *args, input=inp)
+        assert r.returncode == 0, r.stderr
+    proc = MailplatProcess(str(tmp_path)).start()
+    try:
+        greetings = {"smtp": b"220 ", "submission": b"220 ", "imap": b"* OK", "pop3": b"+OK"}
+        import socket
+
+        for name, port in DEFAULT_PORTS.items():
+            waitForPort(port, proc=proc.proc)
+            if name in greetings:
+                with socket.create_connection((HOST, port), timeout=10) as s:
+                    assert s.recv(100).startswith(greetings[name]), name
+        with imaplib.IMAP4_SSL(HOST, DEFAULT_PORTS["imaps"], ssl_context=tlsContext()) as imap:
+            imap.login(USER, PASSWORD)
+        assert (tmp_path / "mailplat-data" / "store" / "index.sqlite").exists()
+        assert (tmp_path / "mailplat-data" / "tls" / "cert.pem").exists()
+    finally:
+        proc.stop()

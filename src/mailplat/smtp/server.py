@@ -1,0 +1,1064 @@
+"""
+The SMTP server session: RFC 5321 with the extensions mailplat offers.
+
+L{SMTPFactory} builds one L{SMTPServer} per connection.  The wire format
+(command lines, addresses, DATA, replies) lives in L{mailplat.smtp.wire};
+this module holds the session state and talks to the router, the queue, the
+cred portal and the pre-queue hooks.
+
+Implemented:
+
+  - RFC 5321: HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, VRFY and EXPN
+    (both C{252 2.5.0}: no address harvesting), HELP.  A C{Received:} header
+    (§4.4) is prepended to every message; the transaction is reset after
+    DATA, RSET, HELO/EHLO and STARTTLS.  A C{554} connect-time rejection by
+    a hook answers C{503} to everything but QUIT (§3.1).
+  - RFC 1870 SIZE, RFC 1652 8BITMIME (C{BODY=7BIT|8BITMIME}), RFC 2920
+    PIPELINING: commands are handled one at a time and answered strictly in
+    order, even when the router, the hooks or the portal answer later; input
+    is paused while too much is buffered.
+  - RFC 2034 / RFC 3463 ENHANCEDSTATUSCODES on every reply except the
+    greeting and the replies to HELO/EHLO (RFC 2034 §3), and 3xx replies.
+  - RFC 3207 STARTTLS: whatever the client sent after the STARTTLS line
+    before the handshake is thrown away, and the session forgets the
+    HELO/EHLO name and any authentication (§4.2).
+  - RFC 4954 AUTH with the mechanisms of L{mailplat.auth.sasl.Registry}:
+    initial responses, C{=} for an empty one, C{*} to cancel, AUTH lines up
+    to 12288 octets.  Plaintext mechanisms are only offered over TLS, on a
+    loopback connection (by default), or when C{allowInsecureAuth=True}.
+    Failed attempts are answered later each time (1 s, 2 s, 4 s, ...) and
+    the connection is closed after too many.
+  - RFC 3848 protocol names in C{Received:} and in the envelope (SMTP,
+    ESMTP, ESMTPA, ESMTPS, ESMTPSA).
+  - RFC 6409 / RFC 8314: the C{submission} role requires AUTH before MAIL;
+    C{submissions} is the same on an implicit-TLS listener, where STARTTLS
+    is not offered.
+
+Deviations and choices:
+
+  - SMTPUTF8 (RFC 6531), DSN (RFC 3461) and CHUNKING (RFC 3030) are not
+    offered yet: C{SMTPUTF8} and every other unknown MAIL/RCPT parameter
+    answers C{555 5.5.4}; BDAT answers C{502 5.5.1}.
+  - The C{Received:} header names the client by its HELO name and address
+    literal (C{from helo ([192.0.2.1])}); no reverse DNS lookup is made in
+    the session.  The C{for} clause is written only for a single recipient
+    (so a message to many does not list them all), and the C{id} is made by
+    the session because the queue ID is known only at commit.
+  - The pre-queue C{rcpt} hooks are consulted only for recipients the
+    router accepted (a hook cannot turn a router rejection into an accept),
+    and the C{data} hooks get the message as the client sent it (without
+    the C{Received:} header the server adds).
+  - The hook context type L{SMTPContext} named by
+    L{mailplat.interfaces.hooks} is defined here.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import email.utils
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
+from mailplat.interfaces.auth import IMailAccount
+from mailplat.interfaces.hooks import ACCEPT, CONTINUE, DISCONNECT, REJECT_PERM, REJECT_TEMP, Decision
+from mailplat.interfaces.queue import Envelope
+from mailplat.interfaces.routing import RoutingRequest
+from mailplat.smtp import wire
+from mailplat.smtp.wire import Reply, SMTPError
+from mailplat.tls import isLoopback, isTLS
+
+__all__ = ["SMTPContext", "SMTPFactory", "SMTPServer"]
+
+_log = Logger()
+
+ROLES = ("mx", "submission", "submissions")
+
+#: Pause reading from the client while this much unprocessed input is buffered.
+PAUSE_THRESHOLD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SMTPContext:
+    """
+    What a pre-queue hook sees of a session: a read-only snapshot taken when
+    the hook is called.
+    """
+
+    sessionId: str
+    hostname: str
+    role: str
+    clientAddress: str
+    clientPort: int = 0
+    clientName: str = ""
+    tls: bool = False
+    authenticatedUser: str = ""
+    sender: str | None = None
+    mailParams: dict = field(default_factory=dict)
+    recipients: tuple = ()
+    rcptParams: tuple = ()
+    routes: tuple = ()
+
+
+class SMTPFactory(ServerFactory):
+    """
+    Builds L{SMTPServer} sessions.
+
+    @param hostname: the name the server uses for itself (greeting, Received).
+    @param portal: a C{twisted.cred} portal handing out L{IMailAccount} avatars.
+    @param router: an L{mailplat.interfaces.routing.IRouter}.
+    @param queue: an L{mailplat.interfaces.queue.IQueue}.
+    @param sasl: a L{mailplat.auth.sasl.Registry} (default: PLAIN and LOGIN).
+    @param tlsContextFactory: offered with STARTTLS when given.
+    @param role: C{"mx"} (AUTH only with C{authOnMX=True}), C{"submission"}
+        (AUTH required before MAIL) or C{"submissions"} (the same, on an
+        implicit-TLS listener).
+    @param hooks: L{mailplat.interfaces.hooks.ISMTPHook}s, consulted in order.
+    @param allowInsecureAuth: C{True}: plaintext mechanisms without TLS
+        everywhere; C{False}: never; C{None}: only on loopback connections.
+    @param normaliseBareLineEndings: convert bare CR/LF in DATA to CRLF
+        instead of refusing the message.
+    """
+
+    protocol = None  # set below
+
+    def __init__(
+        self,
+        *,
+        hostname,
+        portal,
+        router,
+        queue,
+        sasl=None,
+        tlsContextFactory=None,
+        role="mx",
+        hooks=(),
+        maxMessageSize=50 * 1024 * 1024,
+        maxRecipients=1000,
+        allowInsecureAuth=None,
+        metrics=None,
+        reactor=None,
+        idleTimeout=300,
+        authOnMX=False,
+        maxLineLength=wire.COMMAND_LINE_LENGTH,
+        maxErrors=20,
+        maxAuthFailures=5,
+        normaliseBareLineEndings=False,
+    ):
+        if role not in ROLES:
+            raise ValueError(f"unknown SMTP role {role!r}; expected one of {', '.join(ROLES)}")
+        if reactor is None:
+            from twisted.internet import reactor
+        self.hostname = hostname
+        self.portal = portal
+        self.router = router
+        self.queue = queue
+        self.sasl = sasl if sasl is not None else Registry()
+        self.tlsContextFactory = tlsContextFactory
+        self.role = role
+        self.hooks = tuple(hooks)
+        self.maxMessageSize = maxMessageSize
+        self.maxRecipients = maxRecipients
+        self.allowInsecureAuth = allowInsecureAuth
+        self.metrics = metrics
+        self.reactor = reactor
+        self.idleTimeout = idleTimeout
+        self.authOnMX = authOnMX
+        self.maxLineLength = maxLineLength
+        self.maxErrors = maxErrors
+        self.maxAuthFailures = maxAuthFailures
+        self.normaliseBareLineEndings = normaliseBareLineEndings
+
+    @property
+    def authEnabled(self) -> bool:
+        return self.role != "mx" or self.authOnMX
+
+    @property
+    def authRequired(self) -> bool:
+        return self.role != "mx"
+
+    def buildProtocol(self, addr):
+        p = SMTPServer()
+        p.factory = self
+        return p
+
+
+def _sanitiseName(name: str, limit: int = 255) -> str:
+    """A client-supplied name made safe for a header comment or a log line."""
+    cleaned = "".join(c if ("!" <= c <= "~" and c not in "()\\;") else "?" for c in name)
+    return cleaned[:limit] or "?"
+
+
+def _addressLiteral(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return f"[{_sanitiseName(host)}]"
+    if ip.version == 6:
+        return f"[IPv6:{ip.compressed}]"
+    return f"[{ip}]"
+
+
+class SMTPServer(Protocol):
+    """One SMTP session.  See the module docstring for what it implements."""
+
+    factory: SMTPFactory
+
+    def __init__(self):
+        self._closed = False
+        self._busy = False
+        self._dataMode = False
+        self._paused = False
+        self._rejectedAtConnect = False
+        self._helo = None
+        self._esmtp = False
+        self._tls = False
+        self._user = ""
+        self._logout = None
+        self._errors = 0
+        self._authFailures = 0
+        self._sasl = None
+        self._idleCall = None
+        self._delayedCall = None
+        self._txn = None
+        self._decoder = None
+        self._hookChunks = None
+        self._writeFailed = False
+        self._messageId = ""
+        self.sessionId = secrets.token_hex(6).upper()
+        self._resetTransaction()
+
+    # -- helpers --------------------------------------------------------------
+
+    @property
+    def _reactor(self):
+        return self.factory.reactor
+
+    def _inc(self, name, **labels):
+        if self.factory.metrics is not None:
+            self.factory.metrics.inc(name, **labels)
+
+    def _resetTransaction(self):
+        self._sender = None
+        self._mailParams = {}
+        self._recipients = []
+        self._rcptParams = []
+        self._routes = []
+
+    def _context(self) -> SMTPContext:
+        peer = self.transport.getPeer()
+        return SMTPContext(
+            sessionId=self.sessionId,
+            hostname=self.factory.hostname,
+            role=self.factory.role,
+            clientAddress=getattr(peer, "host", "") or "",
+            clientPort=getattr(peer, "port", 0) or 0,
+            clientName=self._helo or "",
+            tls=self._tls,
+            authenticatedUser=self._user,
+            sender=self._sender,
+            mailParams=dict(self._mailParams),
+            recipients=tuple(self._recipients),
+            rcptParams=tuple(self._rcptParams),
+            routes=tuple(self._routes),
+        )
+
+    def _clientAddress(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "") or ""
+
+    def _send(self, data: bytes):
+        if self._closed:
+            return
+        self.transport.write(data)
+        self._touch()
+
+    def reply(self, code, enhanced="", text="", *, plain=False):
+        """Send a reply; C{plain} leaves out the enhanced status code (RFC 2034 §3)."""
+        r = code if isinstance(code, Reply) else Reply(code, enhanced, text)
+        self._send(r.encode(enhanced=not plain))
+        if r.code in (500, 501, 502, 503, 504, 555):
+            self._errors += 1
+            if self._errors >= self.factory.maxErrors and not self._closed:
+                _log.info(
+                    "SMTP {session}: too many errors from {client}",
+                    session=self.sessionId,
+                    client=self._clientAddress(),
+                )
+                text = f"{self.factory.hostname} Too many errors, closing connection"
+                self._send(Reply(421, "4.7.0", text).encode())
+                self._close()
+
+    def _close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self.transport.loseConnection()
+
+    def _touch(self):
+        timeout = self.factory.idleTimeout
+        if not timeout or self._closed:
+            return
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.reset(timeout)
+        else:
+            self._idleCall = self._reactor.callLater(timeout, self._idleTimedOut)
+
+    def _idleTimedOut(self):
+        self._idleCall = None
+        if self._closed:
+            return
+        _log.info("SMTP {session}: idle timeout for {client}", session=self.sessionId, client=self._clientAddress())
+        self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded").encode())
+        self._close()
+
+    def _secureForAuth(self) -> bool:
+        if self._tls:
+            return True
+        allow = self.factory.allowInsecureAuth
+        if allow is None:
+            return isLoopback(self.transport)
+        return bool(allow)
+
+    def _authMechanisms(self) -> list:
+        if not self.factory.authEnabled:
+            return []
+        return list(self.factory.sasl.available(secure=self._secureForAuth()))
+
+    def _protocolName(self) -> str:
+        if not self._esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self._tls else "") + ("A" if self._user else "")
+
+    # -- connection -------------------------------------------------------------
+
+    def connectionMade(self):
+        f = self.factory
+        self._tls = isTLS(self.transport) or f.role == "submissions"
+        self._reader = wire.LineReader(f.maxLineLength, {b"AUTH": wire.AUTH_LINE_LENGTH})
+        if f.metrics is not None:
+            f.metrics.sessionOpened("smtp")
+        _log.debug("SMTP {session}: connection from {client}", session=self.sessionId, client=self._clientAddress())
+        self._touch()
+        self._busy = True
+        d = self._runHooks("connect")
+        d.addCallback(self._greet)
+        d.addErrback(self._internalError)
+        d.addBoth(self._finished)
+
+    def _greet(self, decision):
+        host = self.factory.hostname
+        if decision.action in (REJECT_TEMP, DISCONNECT):
+            self.reply(421, "", f"{host} {decision.text or 'Service not available'}", plain=True)
+            self._close()
+        elif decision.action == REJECT_PERM:
+            self._rejectedAtConnect = True
+            self.reply(554, "", f"{host} {decision.text or 'No SMTP service here'}", plain=True)
+        else:
+            self.reply(220, "", f"{host} ESMTP mailplat", plain=True)
+
+    def connectionLost(self, reason=None):
+        wasClosed = self._closed
+        self._closed = True
+        for call in (self._idleCall, self._delayedCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._idleCall = self._delayedCall = None
+        self._abortData()
+        self._dropAuth()
+        if self.factory.metrics is not None:
+            self.factory.metrics.sessionClosed("smtp")
+        _log.debug(
+            "SMTP {session}: connection closed ({how})",
+            session=self.sessionId,
+            how="by server" if wasClosed else "by client",
+        )
+
+    def _dropAuth(self):
+        logout, self._logout = self._logout, None
+        self._user = ""
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                _log.failure("SMTP {session}: avatar logout failed", session=self.sessionId)
+
+    def dataReceived(self, data):
+        if self._closed:
+            return
+        self._touch()
+        if self._dataMode and not self._busy and not len(self._reader) and not self._inLoop:
+            # The common case while a body streams in: straight to the decoder.
+            self._feedData(data)
+        else:
+            self._reader.feed(data)
+        self._pump()
+
+    # -- the command loop ---------------------------------------------------------
+
+    def _finished(self, result=None):
+        """A command that answered asynchronously is done: go on with the next."""
+        self._busy = False
+        if not self._inLoop:
+            self._pump()
+
+    _inLoop = False
+
+    def _pump(self):
+        if self._inLoop:
+            return
+        self._inLoop = True
+        try:
+            while not self._closed and not self._busy:
+                if self._dataMode:
+                    # DATA was accepted: what follows in the buffer is body.
+                    pending = self._reader.takeBuffer()
+                    if not pending:
+                        break
+                    self._feedData(pending)
+                    continue
+                line = self._reader.next()
+                if line is None:
+                    break
+                self._busy = True
+                d = self._handleLine(line)
+                if isinstance(d, defer.Deferred):
+                    d.addErrback(self._internalError)
+                    d.addBoth(self._finished)
+                else:
+                    self._busy = False
+        finally:
+            self._inLoop = False
+        self._flowControl()
+
+    def _flowControl(self):
+        if self._closed:
+            return
+        backlog = len(self._reader)
+        if not self._paused and backlog > PAUSE_THRESHOLD:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and backlog <= PAUSE_THRESHOLD // 2:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _internalError(self, failure):
+        _log.failure("SMTP {session}: internal error", failure, session=self.sessionId)
+        self.reply(451, "4.3.0", "Internal error, try again later")
+
+    def _handleLine(self, line):
+        if isinstance(line, Reply):
+            self.reply(line)
+            return None
+        if self._sasl is not None:
+            return self._authResponse(line)
+        try:
+            command = wire.parseCommand(line)
+        except SMTPError as e:
+            self.reply(e.reply)
+            return None
+        if self._rejectedAtConnect and command.verb not in ("QUIT", "NOOP"):
+            self.reply(503, "5.5.1", "Bad sequence of commands: connection was rejected, send QUIT")
+            return None
+        handler = getattr(self, "do_" + command.verb, None)
+        if handler is None:
+            if command.verb in ("BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "XCLIENT"):
+                self.reply(502, "5.5.1", "Command not implemented")
+            else:
+                self.reply(500, "5.5.1", "Command unrecognized")
+            return None
+        try:
+            return handler(command.args)
+        except SMTPError as e:
+            self.reply(e.reply)
+            return None
+        except Exception:
+            self._internalError(Failure())
+            return None
+
+    # -- hooks ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _runHooks(self, stage, *args):
+        """The first decision other than CONTINUE, or CONTINUE."""
+        hooks = self.factory.hooks
+        if not hooks:
+            return Decision.proceed()
+        context = self._context()
+        for hook in hooks:
+            method = getattr(hook, stage, None)
+            if method is None:
+                continue
+            try:
+                decision = yield defer.maybeDeferred(method, context, *args)
+            except Exception:
+                _log.failure(
+                    "SMTP {session}: hook {hook} failed at {stage}",
+                    session=self.sessionId,
+                    hook=getattr(hook, "name", repr(hook)),
+                    stage=stage,
+                )
+                return Decision.tempfail("Temporary policy failure, try again later", 451, "4.3.0")
+            if decision is None or decision.action == CONTINUE:
+                continue
+            if decision.action == ACCEPT:
+                return decision
+            return _checkedDecision(decision)
+        return Decision.proceed()
+
+    def _applyDecision(self, decision, *, plain=False) -> bool:
+        """Answer a rejecting decision; True when it rejected."""
+        if decision.action in (CONTINUE, ACCEPT):
+            return False
+        self.reply(decision.code, decision.enhanced, decision.text, plain=plain)
+        if decision.action == DISCONNECT:
+            self._close()
+        return True
+
+    # -- HELO / EHLO ---------------------------------------------------------------
+
+    def do_HELO(self, args):
+        return self._hello(args, esmtp=False)
+
+    def do_EHLO(self, args):
+        return self._hello(args, esmtp=True)
+
+    def _hello(self, args, esmtp):
+        verb = "EHLO" if esmtp else "HELO"
+        # Only the first word counts; some clients add more (RFC 5321 wants one).
+        name = args.split()[0] if args.split() else ""
+        if not name:
+            self.reply(501, "", f"Syntax: {verb} hostname", plain=True)
+            return None
+        d = self._runHooks("helo", name)
+
+        def decided(decision):
+            if self._applyDecision(decision, plain=True):
+                return
+            self._resetTransaction()
+            self._helo = _sanitiseName(name)
+            self._esmtp = esmtp
+            greeting = f"{self.factory.hostname} Hello {self._helo} {_addressLiteral(self._clientAddress())}"
+            if not esmtp:
+                self.reply(250, "", greeting, plain=True)
+                return
+            lines = [greeting, "PIPELINING"]
+            if self.factory.maxMessageSize:
+                lines.append(f"SIZE {self.factory.maxMessageSize}")
+            lines += ["8BITMIME", "ENHANCEDSTATUSCODES"]
+            if self.factory.tlsContextFactory is not None and not self._tls:
+                lines.append("STARTTLS")
+            mechanisms = self._authMechanisms()
+            if mechanisms and not self._user:
+                lines.append("AUTH " + " ".join(mechanisms))
+            self.reply(250, "", lines, plain=True)
+
+        return d.addCallback(decided)
+
+    # -- simple commands ---------------------------------------------------------
+
+    def do_NOOP(self, args):
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_RSET(self, args):
+        if args:
+            self.reply(501, "5.5.4", "Syntax: RSET")
+            return
+        self._resetTransaction()
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_QUIT(self, args):
+        self.reply(221, "2.0.0", "Bye")
+        self._close()
+
+    def do_VRFY(self, args):
+        if not args:
+            self.reply(501, "5.5.4", "Syntax: VRFY address")
+            return
+        self.reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_EXPN(self, args):
+        if not args:
+            self.reply(501, "5.5.4", "Syntax: EXPN list")
+            return
+        self.reply(252, "2.5.0", "Cannot EXPN list, but will accept message and attempt delivery")
+
+    def do_HELP(self, args):
+        self.reply(
+            214,
+            "2.0.0",
+            [
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH",
+                "See RFC 5321",
+            ],
+        )
+
+    # -- STARTTLS -------------------------------------------------------------------
+
+    def do_STARTTLS(self, args):
+        if self._tls:
+            self.reply(503, "5.5.1", "TLS already active")
+            return
+        ctx = self.factory.tlsContextFactory
+        if ctx is None:
+            self.reply(502, "5.5.1", "STARTTLS not available")
+            return
+        if args:
+            self.reply(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        self.reply(220, "2.0.0", "Ready to start TLS")
+        # RFC 3207 §4.2 / smuggling: nothing the client sent before the
+        # handshake may be executed inside TLS.
+        discarded = self._reader.clear()
+        if discarded:
+            _log.info(
+                "SMTP {session}: discarded {n} bytes pipelined after STARTTLS from {client}",
+                session=self.sessionId,
+                n=discarded,
+                client=self._clientAddress(),
+            )
+        self.transport.startTLS(ctx)
+        self._tls = True
+        self._helo = None
+        self._esmtp = False
+        self._resetTransaction()
+        self._dropAuth()
+
+    # -- AUTH ---------------------------------------------------------------------------
+
+    def do_AUTH(self, args):
+        if not self.factory.authEnabled:
+            self.reply(502, "5.5.1", "AUTH not available")
+            return None
+        if not self._esmtp:
+            self.reply(503, "5.5.1", "Send EHLO first")
+            return None
+        if self._user:
+            self.reply(503, "5.5.1", "Already authenticated")
+            return None
+        if self._sender is not None:
+            self.reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+            return None
+        parts = args.split()
+        if not parts or len(parts) > 2:
+            self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return None
+        name = parts[0].upper()
+        if name not in [n.upper() for n in self.factory.sasl.names()]:
+            self.reply(504, "5.5.4", "Unrecognized authentication type")
+            return None
+        if name not in [n.upper() for n in self._authMechanisms()]:
+            self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return None
+        mechanism = self.factory.sasl.create(name)
+        if len(parts) == 2:
+            if parts[1] == "=":
+                initial = b""
+            else:
+                try:
+                    initial = wire.decodeBase64(parts[1])
+                except ValueError:
+                    self.reply(501, "5.5.2", "Invalid base64 data")
+                    return None
+        else:
+            initial = b""
+        self._sasl = mechanism
+        return self._authStep(initial)
+
+    def _authResponse(self, line):
+        if line.strip() == b"*":
+            self._endSASL()
+            self.reply(501, "5.0.0", "Authentication cancelled")
+            return None
+        try:
+            response = wire.decodeBase64(line)
+        except ValueError:
+            self._endSASL()
+            self.reply(501, "5.5.2", "Invalid base64 data")
+            return None
+        return self._authStep(response)
+
+    def _endSASL(self):
+        self._sasl = None
+        self._reader.maxLength = self.factory.maxLineLength
+
+    def _authStep(self, response):
+        try:
+            result = self._sasl.step(response)
+        except SASLError as e:
+            _log.info("SMTP {session}: malformed SASL response: {why}", session=self.sessionId, why=str(e))
+            self._endSASL()
+            self.reply(501, "5.5.2", "Malformed authentication response")
+            return None
+        if isinstance(result, Challenge):
+            # RFC 4954 §4: responses may be as long as an AUTH line.
+            self._reader.maxLength = wire.AUTH_LINE_LENGTH
+            self._send(b"334 " + base64.b64encode(result.data) + b"\r\n")
+            return None
+        self._endSASL()
+        if not isinstance(result, Credentials):
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+            return None
+        username = getattr(result.credentials, "username", b"")
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        d = defer.maybeDeferred(self.factory.portal.login, result.credentials, None, IMailAccount)
+        d.addCallbacks(self._authSucceeded, self._authFailed, errbackArgs=(username,))
+        return d
+
+    def _authSucceeded(self, result):
+        _iface, avatar, logout = result
+        if self._closed:
+            logout()
+            return None
+        d = self._runHooks("auth", avatar.username, True)
+
+        def decided(decision):
+            if self._closed:
+                logout()
+                return
+            if decision.action in (REJECT_TEMP, REJECT_PERM, DISCONNECT):
+                logout()
+                self._applyDecision(decision)
+                return
+            self._user = avatar.username
+            self._logout = logout
+            _log.info(
+                "SMTP {session}: {user} authenticated from {client}",
+                session=self.sessionId,
+                user=self._user,
+                client=self._clientAddress(),
+            )
+            self.reply(235, "2.7.0", "Authentication successful")
+
+        return d.addCallback(decided)
+
+    def _authFailed(self, failure, username):
+        if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+            _log.failure("SMTP {session}: authentication backend failed", failure, session=self.sessionId)
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+            return None
+        self._authFailures += 1
+        self._inc("mailplat_auth_failures_total", protocol="smtp")
+        _log.info(
+            "SMTP {session}: authentication failed for {user} from {client} ({n})",
+            session=self.sessionId,
+            user=username,
+            client=self._clientAddress(),
+            n=self._authFailures,
+        )
+        d = self._runHooks("auth", username, False)
+
+        def decided(decision):
+            if self._closed:
+                return None
+            if decision.action == DISCONNECT:
+                self._applyDecision(decision)
+                return None
+            if self._authFailures >= self.factory.maxAuthFailures:
+                self.reply(535, "5.7.8", "Authentication credentials invalid")
+                self.reply(421, "4.7.0", f"{self.factory.hostname} Too many authentication failures")
+                self._close()
+                return None
+            # Answer later each time: 1 s, 2 s, 4 s, ...
+            delay = 2 ** (self._authFailures - 1)
+            later = defer.Deferred()
+
+            def answer():
+                self._delayedCall = None
+                self.reply(535, "5.7.8", "Authentication credentials invalid")
+                later.callback(None)
+
+            self._delayedCall = self._reactor.callLater(delay, answer)
+            return later
+
+        return d.addCallback(decided)
+
+    # -- MAIL / RCPT -----------------------------------------------------------------
+
+    def do_MAIL(self, args):
+        f = self.factory
+        if self._helo is None:
+            self.reply(503, "5.5.1", "Send HELO/EHLO first")
+            return None
+        if f.authRequired and not self._user:
+            self.reply(530, "5.7.0", "Authentication required")
+            return None
+        if self._sender is not None:
+            self.reply(503, "5.5.1", "Nested MAIL command")
+            return None
+        path = wire.parseMail(args)
+        params = dict(path.params)
+        if params and not self._esmtp:
+            raise SMTPError(555, "5.5.4", "MAIL parameters need EHLO")
+        for key, value in list(params.items()):
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise SMTPError(501, "5.5.4", "Syntax: SIZE=number")
+                if f.maxMessageSize and int(value) > f.maxMessageSize:
+                    raise SMTPError(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPError(555, "5.5.4", "Unsupported BODY type")
+                params[key] = value.upper()
+            elif key == "AUTH":
+                # RFC 4954 §5: only trusted from an authenticated client.
+                if not self._user:
+                    del params[key]
+            elif key == "SMTPUTF8":
+                raise SMTPError(555, "5.5.4", "SMTPUTF8 is not supported")
+            else:
+                raise SMTPError(555, "5.5.4", f"Unsupported parameter {key}")
+        d = self._runHooks("mail", path.address, dict(params))
+
+        def decided(decision):
+            if self._applyDecision(decision):
+                return
+            self._sender = path.address
+            self._mailParams = params
+            self.reply(250, "2.1.0", "Ok")
+
+        return d.addCallback(decided)
+
+    def do_RCPT(self, args):
+        f = self.factory
+        if self._sender is None:
+            self.reply(503, "5.5.1", "Need MAIL command")
+            return None
+        path = wire.parseRcpt(args)
+        if path.params:
+            raise SMTPError(555, "5.5.4", f"Unsupported parameter {next(iter(path.params))}")
+        if len(self._recipients) >= f.maxRecipients:
+            self._inc("mailplat_messages_rejected_total")
+            self.reply(452, "4.5.3", "Too many recipients")
+            return None
+        request = RoutingRequest(
+            address=path.address,
+            authenticated=bool(self._user),
+            sender=self._sender,
+            clientAddress=self._clientAddress(),
+        )
+        d = defer.maybeDeferred(f.router.route, request)
+
+        def routed(route):
+            if not route.accepted:
+                return route, Decision.proceed()
+            return self._runHooks("rcpt", path.address, dict(path.params), route).addCallback(
+                lambda decision: (route, decision)
+            )
+
+        def routingFailed(failure):
+            _log.failure(
+                "SMTP {session}: routing {address} failed", failure, session=self.sessionId, address=path.address
+            )
+            return None, Decision.tempfail("Temporary routing failure, try again later", 451, "4.3.0")
+
+        def decided(result):
+            route, decision = result
+            if self._closed:
+                return
+            if decision.action not in (CONTINUE, ACCEPT):
+                self._inc("mailplat_messages_rejected_total")
+                self._applyDecision(decision)
+                return
+            if not route.accepted:
+                self._inc("mailplat_messages_rejected_total")
+                self.reply(route.code, route.enhanced, route.text)
+                return
+            self._recipients.append(path.address)
+            self._rcptParams.append(dict(path.params))
+            self._routes.append(route)
+            self.reply(route.code, route.enhanced, route.text)
+
+        d.addCallbacks(routed, routingFailed)
+        return d.addCallback(decided)
+
+    # -- DATA -----------------------------------------------------------------------------
+
+    def do_DATA(self, args):
+        f = self.factory
+        if args:
+            self.reply(501, "5.5.4", "Syntax: DATA")
+            return None
+        if self._sender is None:
+            self.reply(503, "5.5.1", "Need MAIL command")
+            return None
+        if not self._recipients:
+            self.reply(554, "5.5.1", "No valid recipients")
+            return None
+        envelope = Envelope(
+            sender=self._sender,
+            recipients=tuple(self._recipients),
+            mailParams=dict(self._mailParams),
+            rcptParams=tuple(self._rcptParams),
+            clientAddress=self._clientAddress(),
+            clientName=self._helo or "",
+            authenticatedUser=self._user,
+            protocol=self._protocolName(),
+            routes=tuple(self._routes),
+        )
+        self._messageId = secrets.token_hex(8).upper()
+        try:
+            self._txn = f.queue.begin(envelope)
+            self._txn.write(self._receivedHeader())
+        except Exception:
+            _log.failure("SMTP {session}: could not start a queue transaction", session=self.sessionId)
+            self._abortData()
+            self.reply(451, "4.3.0", "Temporary storage failure, try again later")
+            return None
+        self._envelope = envelope
+        self._writeFailed = False
+        self._decoder = wire.DataDecoder(f.maxMessageSize or None, f.normaliseBareLineEndings)
+        self._hookChunks = [] if any(getattr(h, "data", None) for h in f.hooks) else None
+        self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        # From here on the input is body (the command loop hands over what
+        # was pipelined after DATA).
+        self._dataMode = True
+        return None
+
+    def _receivedHeader(self) -> bytes:
+        f = self.factory
+        literal = _addressLiteral(self._clientAddress())
+        date = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(self._reactor.seconds(), datetime.timezone.utc)
+        )
+        parts = [
+            f"Received: from {self._helo or 'unknown'} ({literal})",
+            f"\tby {f.hostname} (mailplat) with {self._protocolName()} id {self._messageId}",
+        ]
+        if len(self._recipients) == 1:
+            parts.append(f"\tfor <{self._recipients[0]}>; {date}")
+        else:
+            parts[-1] += ";"
+            parts.append(f"\t{date}")
+        return ("\r\n".join(parts) + "\r\n").encode("ascii", "replace")
+
+    def _feedData(self, data):
+        decoder = self._decoder
+        for chunk in decoder.feed(data):
+            if self._hookChunks is not None:
+                self._hookChunks.append(chunk)
+            if self._txn is not None and not self._writeFailed:
+                try:
+                    self._txn.write(chunk)
+                except Exception:
+                    _log.failure("SMTP {session}: queue write failed", session=self.sessionId)
+                    self._writeFailed = True
+        if decoder.error is not None and self._txn is not None:
+            # Refused anyway: free the spool now, keep reading to the end.
+            self._txn.abort()
+            self._txn = None
+            self._hookChunks = None
+        if decoder.done:
+            self._dataMode = False
+            leftover = decoder.leftover
+            self._busy = True
+            if leftover:
+                self._reader.feed(leftover)
+            d = defer.maybeDeferred(self._endOfData)
+            d.addErrback(self._internalError)
+            d.addBoth(self._dataFinished)
+
+    def _dataFinished(self, result):
+        self._decoder = None
+        self._txn = None
+        self._hookChunks = None
+        self._resetTransaction()
+        self._finished()
+
+    def _abortData(self):
+        txn, self._txn = self._txn, None
+        self._decoder = None
+        self._hookChunks = None
+        self._dataMode = False
+        if txn is not None:
+            try:
+                txn.abort()
+            except Exception:
+                _log.failure("SMTP {session}: queue abort failed", session=self.sessionId)
+
+    def _endOfData(self):
+        decoder = self._decoder
+        if decoder.error is not None:
+            self._abortData()
+            self._inc("mailplat_messages_rejected_total")
+            _log.info(
+                "SMTP {session}: message refused: {reason}",
+                session=self.sessionId,
+                reason=decoder.error.text,
+            )
+            self.reply(decoder.error)
+            return None
+        if self._writeFailed:
+            self._abortData()
+            self.reply(451, "4.3.0", "Temporary storage failure, try again later")
+            return None
+        if self._hookChunks is not None:
+            message = b"".join(self._hookChunks)
+            self._hookChunks = None
+            d = self._runHooks("data", message)
+        else:
+            d = defer.succeed(Decision.proceed())
+        d.addCallback(self._commitIfAccepted)
+        return d
+
+    def _commitIfAccepted(self, decision):
+        if self._closed:
+            self._abortData()
+            return None
+        if decision.action not in (CONTINUE, ACCEPT):
+            self._abortData()
+            self._inc("mailplat_messages_rejected_total")
+            self._applyDecision(decision)
+            return None
+        txn = self._txn
+        envelope = self._envelope
+        d = defer.maybeDeferred(txn.commit)
+
+        def committed(queueId):
+            self._txn = None
+            self._inc("mailplat_messages_received_total")
+            _log.info(
+                "SMTP {session}: queued {queueId} from <{sender}> for {count} recipient(s), {size} bytes, {protocol}",
+                session=self.sessionId,
+                queueId=queueId,
+                sender=envelope.sender,
+                count=len(envelope.recipients),
+                size=self._decoder.size if self._decoder is not None else 0,
+                protocol=envelope.protocol,
+            )
+            self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
+
+        def failed(failure):
+            _log.failure("SMTP {session}: queue commit failed", failure, session=self.sessionId)
+            self._abortData()
+            self.reply(451, "4.3.0", "Temporary storage failure, try again later")
+
+        return d.addCallbacks(committed, failed)
+
+
+def _checkedDecision(decision: Decision) -> Decision:
+    """A rejecting decision with a code of the right class (a broken hook never gives 2xx)."""
+    code, enhanced, text = decision.code, decision.enhanced, decision.text
+    if decision.action == REJECT_TEMP and not 400 <= code < 500:
+        code, enhanced = 451, "4.7.1"
+    elif decision.action == REJECT_PERM and not 500 <= code < 600:
+        code, enhanced = 550, "5.7.1"
+    elif decision.action == DISCONNECT and code != 421:
+        code, enhanced = 421, enhanced if enhanced.startswith("4.") else "4.7.0"
+    elif decision.action not in (REJECT_TEMP, REJECT_PERM, DISCONNECT):
+        _log.warn("unknown hook decision {action!r}: treated as a temporary failure", action=decision.action)
+        return Decision.tempfail("Temporary policy failure, try again later", 451, "4.3.0")
+    if enhanced and enhanced[0] != str(code)[0]:
+        enhanced = f"{str(code)[0]}{enhanced[1:]}"
+    return Decision(decision.action, code, enhanced, text or "Rejected")
+
+
+SMTPFactory.protocol = SMTPServer

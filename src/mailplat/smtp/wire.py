@@ -1,0 +1,550 @@
+"""
+The SMTP wire format, sans-IO: command lines in, parsed commands out; the
+DATA body in, un-dot-stuffed content out; replies to bytes.  Nothing here
+does I/O or keeps time, so every part can be driven by tests or a fuzzer.
+
+Implemented:
+
+  - RFC 5321 §2.3.8, §4.1.1: command lines end with CRLF only.  A bare LF or
+    bare CR in a command line is an error (C{500 5.5.2}), never a line end
+    that is silently accepted.  A bare LF does end the offending line so a
+    client that sends LF-only lines gets an error per line instead of
+    waiting forever; the line itself is never executed.
+  - RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including the
+    CRLF (configurable); a longer line answers C{500 5.5.2 Line too long}
+    once and is skipped up to its end; the session stays usable.  RFC 4954
+    §4 raises the limit to 12288 octets for AUTH lines.
+  - RFC 5321 §4.1.2: the C{Path}, C{Mailbox}, C{Domain} and
+    C{address-literal} grammar, C{Mail-parameters}/C{Rcpt-parameters}
+    (keywords upper-cased), the null reverse-path C{<>}, quoted local parts,
+    C{<Postmaster>}, and source routes (C{<@a,@b:user@d>}), which are
+    checked and then dropped as §4.1.1.3 and appendix C allow.  The length
+    limits of §4.5.3.1 (local part 64, domain 255, path 256 octets) apply.
+  - RFC 5321 §4.5.2: DATA ends only at C{<CRLF>.<CRLF>}; a leading dot is
+    removed from every other line that starts with one.  C{<LF>.<LF>},
+    C{<CR>.<CR>} and C{<LF>.<CRLF>} are content, never the end (the SMTP
+    smuggling defence).  Bare CR or LF in the content makes the message
+    refused at the end (C{550 5.6.0}) unless the decoder is told to convert
+    them to CRLF.
+  - RFC 1870: a hard message size limit (C{552 5.3.4}).
+  - RFC 2034 / RFC 3463: L{Reply} puts the enhanced status code on every
+    line of a multi-line reply.  The session leaves it out where RFC 2034
+    §3 says to (the greeting and the replies to HELO/EHLO); L{Reply.encode}
+    leaves it out of 3xx replies (354, and RFC 4954's 334), because RFC 3463
+    has no class 3 codes.
+
+Deviations, all on the lenient side and all documented here:
+
+  - Whitespace after the colon of C{MAIL FROM:} / C{RCPT TO:} (C{MAIL FROM:
+    <a@b>}), more than one space between verb and arguments or between
+    parameters, and trailing spaces are accepted; they are common in the
+    wild and unambiguous.  A space before the colon and a path without
+    angle brackets are still refused.
+  - In the "normalise bare line endings" mode, the character after a bare
+    LF is not treated as the start of a line, so dot-unstuffing does not
+    apply to it; the end of data is still only C{<CRLF>.<CRLF>}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AUTH_LINE_LENGTH",
+    "COMMAND_LINE_LENGTH",
+    "Command",
+    "DataDecoder",
+    "LineReader",
+    "Path",
+    "Reply",
+    "SMTPError",
+    "decodeBase64",
+    "parseCommand",
+    "parseMail",
+    "parseMailbox",
+    "parseParameters",
+    "parseRcpt",
+]
+
+COMMAND_LINE_LENGTH = 512
+AUTH_LINE_LENGTH = 12288
+MAX_PARAMETERS = 16
+
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+# -- replies -----------------------------------------------------------------
+
+
+def _cleanText(line: str) -> str:
+    # A reply line carries printable text only: a hook or a router must not
+    # be able to add reply lines or control characters to the stream.
+    return "".join(c if (" " <= c <= "~") else "?" for c in line)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One SMTP reply: C{code} (3 digits), C{enhanced} (RFC 3463 C{"x.y.z"}, or
+    C{""} for none) and C{text} (a C{str}, split at line breaks, or a sequence
+    of lines).
+    """
+
+    code: int
+    enhanced: str = ""
+    text: object = ""
+
+    def lines(self) -> list:
+        if isinstance(self.text, str):
+            lines = self.text.splitlines() or [""]
+        else:
+            lines = [str(t) for t in self.text] or [""]
+        return [_cleanText(line) for line in lines]
+
+    def encode(self, enhanced: bool = True) -> bytes:
+        """
+        The reply on the wire.  With C{enhanced} (the default) the enhanced
+        status code starts the text of every line (RFC 2034 §3); it is never
+        sent with a 3xx reply.
+        """
+        code = int(self.code)
+        if not 200 <= code <= 599:
+            raise ValueError(f"not an SMTP reply code: {code}")
+        prefix = ""
+        if enhanced and self.enhanced and code // 100 != 3:
+            prefix = self.enhanced + " "
+        lines = self.lines()
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{code}{sep}{prefix}{line}")
+        return ("\r\n".join(out) + "\r\n").encode("ascii")
+
+    @property
+    def positive(self) -> bool:
+        return self.code < 400
+
+
+class SMTPError(Exception):
+    """A protocol error with the reply to send for it."""
+
+    def __init__(self, code: int, enhanced: str, text: str):
+        super().__init__(f"{code} {enhanced} {text}")
+        self.reply = Reply(code, enhanced, text)
+
+
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BARE_LF = Reply(500, "5.5.2", "Bare LF in command line: lines must end with CRLF")
+BARE_CR = Reply(500, "5.5.2", "Bare CR in command line: lines must end with CRLF")
+NUL_IN_LINE = Reply(500, "5.5.2", "NUL character in command line")
+
+
+# -- command lines -------------------------------------------------------------
+
+
+class LineReader:
+    """
+    Splits the input stream into command lines.
+
+    L{feed} appends bytes; L{next} returns the next line (C{bytes} without
+    the CRLF), an error L{Reply} for a line that is refused, or C{None} when
+    no complete line is buffered.  The caller pulls one line at a time, so it
+    can switch to reading a DATA body (L{takeBuffer}) or throw away what was
+    pipelined after STARTTLS (L{clear}) at exactly the right byte.
+    """
+
+    def __init__(self, maxLength: int = COMMAND_LINE_LENGTH, extended=None):
+        self.maxLength = maxLength
+        # Verbs whose lines may be longer, e.g. {b"AUTH": 12288} (RFC 4954 §4).
+        self.extended = {k.upper(): v for k, v in (extended or {}).items()}
+        self._buf = bytearray()
+        self._skipping = False
+
+    def _hardLimit(self) -> int:
+        return max([self.maxLength, *self.extended.values()])
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def clear(self) -> int:
+        """Throw away everything buffered; returns how many bytes that was."""
+        n = len(self._buf)
+        self._buf = bytearray()
+        self._skipping = False
+        return n
+
+    def takeBuffer(self) -> bytes:
+        """Everything buffered, removed from the reader (for a DATA body)."""
+        data = bytes(self._buf)
+        self.clear()
+        return data
+
+    def _limitFor(self, line) -> int:
+        for verb, limit in self.extended.items():
+            n = len(verb)
+            if line[:n].upper() == verb and (len(line) == n or line[n : n + 1] in (b" ", b"\r", b"\n")):
+                return max(limit, self.maxLength)
+        return self.maxLength
+
+    def next(self):
+        while True:
+            buf = self._buf
+            i = buf.find(b"\n")
+            if self._skipping:
+                if i < 0:
+                    buf.clear()
+                    return None
+                del buf[: i + 1]
+                self._skipping = False
+                continue
+            if i < 0:
+                # No line end yet: a partial line longer than any allowed line
+                # is refused now (not when it ends, which may be never) and the
+                # rest of it is skipped.
+                if len(buf) >= self._hardLimit():
+                    buf.clear()
+                    self._skipping = True
+                    return LINE_TOO_LONG
+                return None
+            raw = bytes(buf[: i + 1])
+            del buf[: i + 1]
+            if len(raw) > self._limitFor(raw):
+                return LINE_TOO_LONG
+            if len(raw) < 2 or raw[-2] != 0x0D:
+                return BARE_LF
+            line = raw[:-2]
+            if b"\r" in line:
+                return BARE_CR
+            if b"\x00" in line:
+                return NUL_IN_LINE
+            return line
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command line: C{verb} upper-cased, C{args} the rest (C{str})."""
+
+    verb: str
+    args: str = ""
+
+
+_VERB = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}\Z")
+
+
+def parseCommand(line: bytes) -> Command:
+    """
+    Split a command line into verb and arguments.  Raises L{SMTPError}
+    C{500 5.5.1} for something that is not a command at all.  Arguments are
+    decoded as UTF-8 (invalid bytes become U+FFFD, which no parser accepts).
+    """
+    text = line.decode("utf-8", "replace")
+    verb, _, args = text.partition(" ")
+    if not _VERB.match(verb):
+        raise SMTPError(500, "5.5.1", "Command unrecognized")
+    return Command(verb.upper(), args.strip(" \t"))
+
+
+# -- addresses -----------------------------------------------------------------
+
+_ATEXT = "A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~"
+_DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
+_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*\Z")
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?:[\x21-\x5a\x5e-\x7e]+\Z")
+
+
+def _isASCII(s: str) -> bool:
+    return all(ord(c) < 128 for c in s)
+
+
+def isDomain(text: str) -> bool:
+    """RFC 5321 C{Domain} (LDH labels), at most 255 octets."""
+    return len(text) <= MAX_DOMAIN and bool(_DOMAIN.match(text))
+
+
+def isAddressLiteral(text: str) -> bool:
+    """RFC 5321 §4.1.3 C{address-literal}: C{[1.2.3.4]}, C{[IPv6:...]} or a general literal."""
+    if len(text) < 3 or text[0] != "[" or text[-1] != "]":
+        return False
+    inner = text[1:-1]
+    if inner[:5].upper() == "IPV6:":
+        try:
+            ipaddress.IPv6Address(inner[5:])
+            return True
+        except ValueError:
+            return False
+    if ":" in inner:
+        return bool(_GENERAL_LITERAL.match(inner))
+    try:
+        ipaddress.IPv4Address(inner)
+        return True
+    except ValueError:
+        return False
+
+
+def parseMailbox(text: str) -> str:
+    """
+    Check an RFC 5321 C{Mailbox} (C{Local-part "@" (Domain / address-literal)})
+    and return it.  A quoted local part that is also a valid dot-string is
+    returned unquoted (RFC 5321 §4.1.2 treats the two as the same mailbox).
+    Raises C{ValueError} with a reason.
+    """
+    if not _isASCII(text):
+        raise UnicodeError("non-ASCII address")
+    if text.startswith('"'):
+        # The quoted string may itself contain "@".
+        end = _quotedEnd(text, 0)
+        if end is None:
+            raise ValueError("unterminated quoted local part")
+        local, rest = text[: end + 1], text[end + 1 :]
+        if not rest.startswith("@"):
+            raise ValueError("missing @ after the local part")
+        domain = rest[1:]
+        if not _QUOTED_STRING.match(local):
+            raise ValueError("bad quoted local part")
+        inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if _DOT_STRING.match(inner):
+            local = inner
+    else:
+        local, at, domain = text.rpartition("@")
+        if not at:
+            raise ValueError("missing @")
+        if not _DOT_STRING.match(local):
+            raise ValueError("bad local part")
+    if len(local) > MAX_LOCAL_PART:
+        raise ValueError("local part too long")
+    if not (isDomain(domain) or isAddressLiteral(domain)):
+        raise ValueError("bad domain")
+    return f"{local}@{domain}"
+
+
+def _quotedEnd(text: str, start: int):
+    """Index of the closing quote of the quoted string starting at C{start}."""
+    i = start + 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i
+        i += 1
+    return None
+
+
+def _pathEnd(text: str):
+    """Index of the C{>} closing the path that starts at C{text[0] == "<"}."""
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            end = _quotedEnd(text, i)
+            if end is None:
+                return None
+            i = end + 1
+            continue
+        if c == ">":
+            return i
+        i += 1
+    return None
+
+
+@dataclass(frozen=True)
+class Path:
+    """A parsed MAIL FROM or RCPT TO: the address (C{""} for C{<>}) and parameters."""
+
+    address: str
+    params: dict = field(default_factory=dict)
+
+
+def parseParameters(text: str) -> dict:
+    """
+    RFC 5321 C{Mail-parameters}: C{KEYWORD[=VALUE]} separated by spaces.
+    Returns a dict with upper-cased keywords (values are C{str}, or C{None}
+    for a keyword without a value).  Raises L{SMTPError} C{501 5.5.4}.
+    """
+    params = {}
+    for word in text.split():
+        key, eq, value = word.partition("=")
+        if not re.match(r"[A-Za-z0-9][A-Za-z0-9-]*\Z", key):
+            raise SMTPError(501, "5.5.4", "Invalid parameter syntax")
+        if eq and not re.match(r"[\x21-\x3c\x3e-\x7e]+\Z", value):
+            raise SMTPError(501, "5.5.4", f"Invalid value for parameter {key.upper()}")
+        key = key.upper()
+        if key in params:
+            raise SMTPError(501, "5.5.4", f"Duplicate parameter {key}")
+        params[key] = value if eq else None
+        if len(params) > MAX_PARAMETERS:
+            raise SMTPError(501, "5.5.4", "Too many parameters")
+    return params
+
+
+def _parsePath(args: str, keyword: str, enhanced: str, what: str, nullAllowed: bool) -> Path:
+    usage = f"Syntax: {'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>"
+    if args[: len(keyword) + 1].upper() != keyword + ":":
+        raise SMTPError(501, "5.5.4", usage)
+    rest = args[len(keyword) + 1 :].lstrip(" ")
+    if not rest.startswith("<"):
+        raise SMTPError(501, enhanced, f"Bad {what} address syntax: {usage}")
+    end = _pathEnd(rest)
+    if end is None:
+        raise SMTPError(501, enhanced, f"Bad {what} address syntax")
+    path, tail = rest[1:end], rest[end + 1 :]
+    if tail and not tail.startswith(" "):
+        raise SMTPError(501, enhanced, f"Bad {what} address syntax")
+    if len(path) + 2 > MAX_PATH:
+        raise SMTPError(501, enhanced, f"Bad {what} address syntax: path too long")
+    params = parseParameters(tail)
+    if path == "":
+        if not nullAllowed:
+            raise SMTPError(501, enhanced, f"Bad {what} address syntax")
+        return Path("", params)
+    if not nullAllowed and path.lower() == "postmaster":
+        return Path("Postmaster", params)
+    if path.startswith("@"):
+        # A-d-l ":" Mailbox — the source route is checked, then dropped.
+        route, colon, mailbox = path.partition(":")
+        if not colon or not all(d.startswith("@") and isDomain(d[1:]) for d in route.split(",")):
+            raise SMTPError(501, enhanced, f"Bad {what} address syntax")
+        path = mailbox
+    try:
+        address = parseMailbox(path)
+    except UnicodeError:
+        raise SMTPError(553, "5.6.7", f"Non-ASCII {what} address needs SMTPUTF8, which is not supported")
+    except ValueError:
+        raise SMTPError(501, enhanced, f"Bad {what} address syntax")
+    return Path(address, params)
+
+
+def parseMail(args: str) -> Path:
+    """
+    The arguments of MAIL: C{FROM:<reverse-path> [params]}.  Raises
+    L{SMTPError}: C{501 5.1.7} for a bad address, C{501 5.5.4} otherwise.
+    """
+    return _parsePath(args, "FROM", "5.1.7", "sender", nullAllowed=True)
+
+
+def parseRcpt(args: str) -> Path:
+    """
+    The arguments of RCPT: C{TO:<forward-path> [params]}.  Raises
+    L{SMTPError}: C{501 5.1.3} for a bad address, C{501 5.5.4} otherwise.
+    """
+    return _parsePath(args, "TO", "5.1.3", "recipient", nullAllowed=False)
+
+
+def decodeBase64(text) -> bytes:
+    """Strict base64 as used by AUTH (RFC 4954 §4); raises C{ValueError}."""
+    if isinstance(text, str):
+        text = text.encode("ascii", "replace")
+    text = text.strip()
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("invalid base64")
+
+
+# -- DATA ----------------------------------------------------------------------
+
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains bare CR or LF: lines must end with CRLF")
+
+_END = b".\r\n"
+
+
+class DataDecoder:
+    """
+    Decodes a DATA body (RFC 5321 §4.5.2).
+
+    L{feed} takes bytes as they arrive and returns a list of content chunks
+    (un-dot-stuffed, byte-exact, CRLF line ends).  Once the
+    C{<CRLF>.<CRLF>} end marker has been seen, C{done} is true and
+    C{leftover} holds whatever followed it (pipelined commands).  When the
+    content is refused — it grew past C{maxSize}, or it holds a bare CR or LF
+    and C{normaliseBareLineEndings} is false — C{error} is set to the reply
+    for the end of data and no more content is returned, but the body is
+    still consumed up to the real end marker so the session stays in step
+    with the client.
+    """
+
+    def __init__(self, maxSize=None, normaliseBareLineEndings: bool = False):
+        self.maxSize = maxSize
+        self.normalise = normaliseBareLineEndings
+        self.size = 0
+        self.done = False
+        self.leftover = b""
+        self.error = None
+        self.tooLarge = False
+        self.bareLineEnding = False
+        self._pending = b""
+        self._lineStart = True
+
+    def _emit(self, segment: bytes, out: list) -> None:
+        if not segment:
+            return
+        bareCR = segment.count(b"\r") != segment.count(b"\r\n")
+        bareLF = segment.count(b"\n") != segment.count(b"\r\n")
+        if bareCR or bareLF:
+            if self.normalise:
+                segment = segment.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            else:
+                self.bareLineEnding = True
+                if self.error is None:
+                    self.error = BARE_LINE_ENDING
+        if self.error is not None:
+            return
+        if self.maxSize is not None and self.size + len(segment) > self.maxSize:
+            self.tooLarge = True
+            self.error = MESSAGE_TOO_BIG
+            return
+        self.size += len(segment)
+        out.append(segment)
+
+    def feed(self, data: bytes) -> list:
+        if self.done:
+            self.leftover += data
+            return []
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        out = []
+        n = len(data)
+        i = 0
+        while i < n:
+            if self._lineStart:
+                if data.startswith(_END, i):
+                    self.done = True
+                    self.leftover = data[i + 3 :]
+                    return out
+                if n - i < 3 and _END.startswith(data[i:]):
+                    # "." or ".\r" at the start of a line: wait for more.
+                    self._pending = data[i:]
+                    return out
+                if data[i] == 0x2E:
+                    i += 1  # a stuffed dot
+                self._lineStart = False
+                continue
+            j = data.find(b"\r\n.", i)
+            if j < 0:
+                if data.endswith(b"\r\n"):
+                    self._emit(data[i:], out)
+                    self._lineStart = True
+                elif data.endswith(b"\r"):
+                    self._emit(data[i : n - 1], out)
+                    self._pending = b"\r"
+                else:
+                    self._emit(data[i:], out)
+                return out
+            self._emit(data[i : j + 2], out)
+            i = j + 2
+            self._lineStart = True
+        return out
