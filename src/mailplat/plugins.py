@@ -81,3 +81,19 @@ def build(kind: str, choice, context, provides=None):
                 raise PluginError(f"{kind} plugin {choice.plugin!r} built an object that does not provide "
                                   f"{provides.__name__}: {e}")
     return obj
+
+
+def dataPathArgument(args, context, default):
+    """
+    The one argument of the file-based built-in plugins: C{path}, a directory
+    relative to the data directory (or absolute).  Any other argument is refused.
+    """
+    import os
+
+    unknown = set(args) - {"path"}
+    if unknown:
+        raise ValueError(f"unknown argument(s): {', '.join(sorted(unknown))}; known: path")
+    path = args.get("path", default)
+    if not isinstance(path, str) or not path:
+        raise ValueError("path must be a non-empty string")
+    return os.path.join(context.dataDir, path)

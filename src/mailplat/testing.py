@@ -21,6 +21,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailplat.auth.realm import MailRealm
+from mailplat.store.events import Listeners
 from mailplat.interfaces.queue import IQueue, IQueueTransaction, QueueEntry
 from mailplat.interfaces.routing import IRouter, LocalDestination, RemoteDestination, Route
 from mailplat.interfaces.storage import (
@@ -116,7 +117,7 @@ class MemoryStore:
     def __init__(self, clock=None):
         self._accounts: dict[str, dict[str, _Mailbox]] = {}
         self._subscriptions: dict[str, set] = {}
-        self._listeners: dict[str, list] = {}
+        self._listeners = Listeners()
         self._clock = clock
 
     def _now(self):
@@ -140,9 +141,7 @@ class MemoryStore:
             raise NoSuchMailbox(f"no such mailbox: {name}")
 
     def _emit(self, user, mailbox, kind, uids=()):
-        event = MailboxEvent(user, mailbox, kind, tuple(uids))
-        for listener in list(self._listeners.get(user, ())):
-            listener(event)
+        self._listeners.emit(MailboxEvent(user, mailbox, kind, tuple(uids)))
 
     def _call(self, f, *a, **kw):
         try:
@@ -389,15 +388,7 @@ class MemoryStore:
         return self._call(go)
 
     def addListener(self, user, listener):
-        self._listeners.setdefault(user, []).append(listener)
-
-        def remove():
-            try:
-                self._listeners.get(user, []).remove(listener)
-            except ValueError:
-                pass
-
-        return remove
+        return self._listeners.add(user, listener)
 
 
 @implementer(IQueueTransaction)
@@ -509,11 +500,12 @@ def memoryPortal(users: dict) -> Portal:
 
 def _decodingChecker(inner):
     def requestAvatarId(credentials):
-        # The in-memory checker compares bytes with the str keys it was given.
+        # The in-memory checker keeps its user names as bytes (it encodes the
+        # str keywords it was given), so both forms of name are accepted here.
         from twisted.cred.credentials import UsernamePassword
 
         name = credentials.username
-        name = name.decode("utf-8") if isinstance(name, bytes) else name
+        name = name if isinstance(name, bytes) else name.encode("utf-8")
         password = credentials.password
         password = password if isinstance(password, bytes) else password.encode("utf-8")
         d = inner(UsernamePassword(name, password))

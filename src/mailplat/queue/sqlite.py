@@ -368,10 +368,6 @@ class SQLiteQueueFactory:
     description = "SQLite index (WAL) and one file per queued message, under the data directory (the embedded default)."
 
     def build(self, args, context):
-        unknown = set(args) - {"path"}
-        if unknown:
-            raise ValueError(f"unknown argument(s) for queue 'sqlite': {', '.join(sorted(unknown))}; known: path")
-        path = args.get("path", "queue")
-        if not isinstance(path, str) or not path:
-            raise ValueError("queue 'sqlite': path must be a non-empty string")
-        return SQLiteQueue(os.path.join(context.dataDir, path), context.reactor)
+        from mailplat.plugins import dataPathArgument
+
+        return SQLiteQueue(dataPathArgument(args, context, "queue"), context.reactor)

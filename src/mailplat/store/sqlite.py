@@ -43,7 +43,9 @@ from mailplat.interfaces.storage import (
     NoSuchMailbox,
     validateMailboxName,
 )
+from mailplat.store.events import Listeners
 from mailplat.store.writer import WriteOp, Writer, connect, linkOrCopy, writeFile
+from mailplat.plugins import dataPathArgument
 from mailplat.testing import applyFlags, normaliseFlags
 
 SCHEMA = """
@@ -110,7 +112,7 @@ class SQLiteStore:
         self._messagesDir = os.path.join(self.directory, "messages")
         self._writer = Writer(self._dbPath, reactor, name="mailplat-store-writer")
         self._local = threading.local()
-        self._listeners: dict[str, list] = {}
+        self._listeners = Listeners()
         self._uidvalidityLock = threading.Lock()
         self._lastUidvalidity = 0
 
@@ -155,13 +157,7 @@ class SQLiteStore:
 
     def _emitEvents(self, result, events):
         for event in events(result):
-            for listener in list(self._listeners.get(event.user, ())):
-                try:
-                    listener(event)
-                except Exception:
-                    from twisted.logger import Logger
-
-                    Logger().failure("mailbox listener failed")
+            self._listeners.emit(event)
         return result
 
     def _newUidvalidity(self) -> int:
@@ -625,15 +621,7 @@ class SQLiteStore:
         return self._write(apply)
 
     def addListener(self, user, listener):
-        self._listeners.setdefault(user, []).append(listener)
-
-        def remove():
-            try:
-                self._listeners.get(user, []).remove(listener)
-            except ValueError:
-                pass
-
-        return remove
+        return self._listeners.add(user, listener)
 
     # --- helpers --------------------------------------------------------------
 
@@ -652,10 +640,4 @@ class SQLiteStoreFactory:
     description = "SQLite index (WAL) and one file per message, under the data directory (the embedded default)."
 
     def build(self, args, context):
-        unknown = set(args) - {"path"}
-        if unknown:
-            raise ValueError(f"unknown argument(s) for store 'sqlite': {', '.join(sorted(unknown))}; known: path")
-        path = args.get("path", "store")
-        if not isinstance(path, str) or not path:
-            raise ValueError("store 'sqlite': path must be a non-empty string")
-        return SQLiteStore(os.path.join(context.dataDir, path), context.reactor)
+        return SQLiteStore(dataPathArgument(args, context, "store"), context.reactor)
