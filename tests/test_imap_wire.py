@@ -140,6 +140,14 @@ def test_raw_line_mode():
     assert p.nextEvent() == Command("a", "NOOP", {})
 
 
+def test_raw_line_too_long_leaves_raw_mode():
+    p = CommandParser(maxLine=50)
+    p.expectRawLine()
+    p.feed(b"x" * 80 + b"\r\na NOOP\r\n")
+    assert isinstance(p.nextEvent(), BadCommand)
+    assert p.nextEvent() == Command("a", "NOOP", {})
+
+
 def test_discard_buffered():
     p = CommandParser()
     p.feed(b"a STARTTLS\r\nb LOGIN x y\r\n")

@@ -5,12 +5,545 @@ L{analyze} takes the raw bytes of a message and returns a JSON-serialisable
 dict describing it; stores keep it (C{MessageMeta.structure}) so that IMAP
 ENVELOPE, BODYSTRUCTURE, BODY[section] offsets and header searches never
 re-parse the message.
+
+What it implements: RFC 5322 header fields (unfolding, address lists with
+group syntax and obsolete routes), RFC 2045/2046 MIME entities (Content-*
+fields, multipart boundaries with transport padding, preamble and epilogue,
+default types including C{message/rfc822} inside C{multipart/digest}),
+C{message/rfc822} (and C{message/global}) encapsulation, and the data that
+RFC 3501 7.4.2 ENVELOPE and BODYSTRUCTURE need.
+
+The result::
+
+    {"version": STRUCTURE_VERSION,
+     "size": octets,
+     "headers": [[name, value], ...],     # top-level, unfolded, in order
+     "envelope": ENVELOPE,
+     "body": PART}
+
+    ENVELOPE = {"date", "subject", "in-reply-to", "message-id": str or None,
+                "from", "sender", "reply-to", "to", "cc", "bcc":
+                    None or [[name, adl, mailbox, host], ...]}
+        (a group is [None, None, groupname, None] ... [None, None, None, None];
+         values are raw: RFC 2047 encoded-words are kept as they are)
+
+    PART = {"type", "subtype": lower-case str,
+            "params": [[name, value], ...] (names lower-case, values unquoted),
+            "id", "description", "md5", "location": str or None,
+            "encoding": upper-case str ("7BIT" by default),
+            "size": octets of the body, "lines": for text/* and message/rfc822,
+            "disposition": None or [value, [[name, value], ...]],
+            "language": None or [str, ...],
+            "offsets": [headerStart, bodyStart, end] into the raw message,
+            "parts": [PART, ...]               # multipart/* only
+            "envelope": ENVELOPE, "body": PART # message/rfc822 only}
+
+For the top-level body (and the body of an encapsulated message) the
+"MIME header" at C{offsets[0]:offsets[1]} is the message header itself.  A
+part's body is C{raw[offsets[1]:offsets[2]]}; the line break before a
+boundary delimiter belongs to the delimiter (RFC 2046 5.1.1).
+
+Robustness (deviations, chosen over raising): bytes are scanned directly
+(CRLF or bare LF); header values that are not UTF-8 are read as Latin-1; an
+entity whose first line is not a header field has no header; a multipart
+without a boundary parameter is treated as text/plain; a multipart whose
+boundary never occurs gets one header-less text/plain part holding its
+body; a missing close delimiter ends the last part at the end of the
+enclosing entity; nesting beyond L{MAX_DEPTH} levels or more than
+L{MAX_PARTS} parts turns the remaining multiparts and messages into
+C{application/octet-stream} leaves; C{message/rfc822} with a base64 or
+quoted-printable encoding is a leaf.  C{md5} is always C{None}.
 """
 
 from __future__ import annotations
 
+import re
+
 STRUCTURE_VERSION = 1
+
+#: Deepest nesting of multiparts and encapsulated messages analysed.
+MAX_DEPTH = 50
+#: Most body parts analysed in one message.
+MAX_PARTS = 5000
+
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+
+
+def text(value: bytes) -> str:
+    """Header bytes as text: UTF-8 if valid, else Latin-1 (lossless)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def countLines(raw: bytes, start: int, end: int) -> int:
+    """Lines in C{raw[start:end]}; a last line without a line break counts."""
+    if end <= start:
+        return 0
+    n = raw.count(b"\n", start, end)
+    if raw[end - 1] != 0x0A:
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------
+# header fields
+
+
+def splitHeader(raw: bytes, start: int, end: int):
+    """
+    Scan the header of the entity at C{raw[start:end]}.  Returns
+    C{(fields, bodyStart)} where C{fields} is a list of C{(name, value)} with
+    C{name} as written (str) and C{value} unfolded (bytes, not stripped).
+    """
+    if start >= end:
+        return [], start
+    first = raw[start]
+    if first == 0x0A:
+        return [], start + 1
+    if first == 0x0D and start + 1 < end and raw[start + 1] == 0x0A:
+        return [], start + 2
+    if not _FIELD_START.match(raw, start, end):
+        return [], start
+    fields = []  # (name, [value chunks])
+    pos = start
+    bodyStart = end
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        lineEnd = end if nl < 0 else nl + 1
+        content = raw[pos : nl if nl >= 0 else end]
+        if content.endswith(b"\r"):
+            content = content[:-1]
+        if not content:
+            bodyStart = lineEnd
+            break
+        if content[0] in (0x20, 0x09):
+            if fields:
+                fields[-1][1].append(content)
+        else:
+            colon = content.find(b":")
+            if colon > 0:
+                fields.append((text(content[:colon].rstrip(b" \t")), [content[colon + 1 :]]))
+        pos = lineEnd
+    return [(name, b"".join(chunks)) for name, chunks in fields], bodyStart
+
+
+def _fieldDict(fields):
+    """First occurrence of each field, by lower-cased name."""
+    out = {}
+    for name, value in fields:
+        out.setdefault(name.lower(), value.strip(b" \t\r\n"))
+    return out
+
+
+# --------------------------------------------------------------------------
+# structured field values: tokens, parameters, addresses
+
+
+def _tokenize(s: str, specials: str):
+    """
+    Tokens of an RFC 5322/2045 structured value: C{("q", text)} quoted
+    strings (unescaped), C{("c", text)} comments, C{("s", char)} specials,
+    C{("a", text)} atoms (domain literals included).
+    """
+    toks = []
+    i = 0
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c == '"':
+            i += 1
+            buf = []
+            while i < n and s[i] != '"':
+                if s[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(s[i])
+                i += 1
+            i += 1
+            toks.append(("q", "".join(buf)))
+        elif c == "(":
+            depth = 0
+            buf = []
+            while i < n:
+                ch = s[i]
+                if ch == "\\" and i + 1 < n:
+                    buf.append(s[i + 1])
+                    i += 2
+                    continue
+                if ch == "(":
+                    depth += 1
+                    if depth > 1:
+                        buf.append(ch)
+                elif ch == ")":
+                    depth -= 1
+                    if depth == 0:
+                        i += 1
+                        break
+                    buf.append(ch)
+                else:
+                    buf.append(ch)
+                i += 1
+            toks.append(("c", "".join(buf)))
+        elif c == "[":
+            j = s.find("]", i)
+            j = n if j < 0 else j + 1
+            toks.append(("a", s[i:j]))
+            i = j
+        elif c in specials:
+            toks.append(("s", c))
+            i += 1
+        else:
+            j = i
+            while j < n and s[j] not in specials and s[j] not in ' \t\r\n"(':
+                j += 1
+            toks.append(("a", s[i:j]))
+            i = j
+    return toks
+
+
+_TSPECIALS = "()<>@,;:\\/[]?="
+
+
+def parseContentValue(value: str):
+    """
+    C{'type/subtype; a=b'} or C{'inline; filename=x'} -> (first token(s),
+    params).  Returns C{(main, [[name, value], ...])} where C{main} is the
+    text before the first C{;} with comments removed.
+    """
+    toks = _tokenize(value, ";=")
+    main = []
+    i = 0
+    while i < len(toks) and toks[i] != ("s", ";"):
+        if toks[i][0] != "c":
+            main.append(toks[i][1])
+        i += 1
+    params = []
+    while i < len(toks):
+        # at a ";"
+        i += 1
+        name = []
+        while i < len(toks) and toks[i] not in (("s", "="), ("s", ";")):
+            if toks[i][0] != "c":
+                name.append(toks[i][1])
+            i += 1
+        if i < len(toks) and toks[i] == ("s", "="):
+            i += 1
+            val = []
+            while i < len(toks) and toks[i] != ("s", ";"):
+                if toks[i][0] != "c":
+                    val.append(toks[i][1])
+                i += 1
+            pname = "".join(name).strip().lower()
+            if pname and len(params) < 100:
+                params.append([pname, "".join(val)])
+    return "".join(main).strip(), params
+
+
+def _param(params, name):
+    for n, v in params:
+        if n == name:
+            return v
+    return None
+
+
+def _phrase(toks) -> str | None:
+    words = []
+    for kind, value in toks:
+        if kind == "c":
+            continue
+        if kind == "s" and value == "." and words:
+            words[-1] += "."
+            continue
+        words.append(value)
+    return " ".join(words) if words else None
+
+
+def _addrSpec(toks):
+    """Tokens of C{local@domain} -> (mailbox, host)."""
+    toks = [t for t in toks if t[0] != "c"]
+    at = None
+    for i in range(len(toks) - 1, -1, -1):
+        if toks[i] == ("s", "@"):
+            at = i
+            break
+    if at is None:
+        local = "".join(v for _, v in toks)
+        return local, ""
+    local = "".join(v for _, v in toks[:at])
+    host = "".join(v for _, v in toks[at + 1 :])
+    return local, host
+
+
+def _mailbox(toks):
+    """One mailbox (name-addr or addr-spec) -> [name, adl, mailbox, host]."""
+    if ("s", "<") in toks:
+        lt = toks.index(("s", "<"))
+        name = _phrase(toks[:lt])
+        inner = []
+        for t in toks[lt + 1 :]:
+            if t == ("s", ">"):
+                break
+            inner.append(t)
+        adl = None
+        if ("s", ":") in inner:
+            colon = inner.index(("s", ":"))
+            route = [v for k, v in inner[:colon] if k != "c"]
+            adl = "".join(route) or None
+            inner = inner[colon + 1 :]
+        local, host = _addrSpec(inner)
+        if name is None:
+            comments = [v for k, v in toks[lt:] if k == "c"]
+            name = comments[-1] if comments else None
+        return [name, adl, local, host]
+    local, host = _addrSpec(toks)
+    comments = [v for k, v in toks if k == "c"]
+    return [comments[-1] if comments else None, None, local, host]
+
+
+def parseAddressList(value: str):
+    """
+    An RFC 5322 address list -> IMAP address structures (see the module
+    docstring), or C{None} when there is no address at all.
+    """
+    toks = _tokenize(value, "<>,:;@.")
+    out = []
+    inGroup = False
+    i = 0
+    n = len(toks)
+    while i < n and len(out) < 10000:
+        j = i
+        angle = False
+        while j < n:
+            t = toks[j]
+            if t == ("s", "<"):
+                angle = True
+            elif t == ("s", ">"):
+                angle = False
+            elif not angle and t in (("s", ","), ("s", ";"), ("s", ":")):
+                break
+            j += 1
+        stop = toks[j] if j < n else None
+        segment = toks[i:j]
+        if stop == ("s", ":") and not inGroup:
+            out.append([None, None, _phrase(segment) or "", None])
+            inGroup = True
+        elif stop == ("s", ":"):
+            # a stray colon inside a group: keep what is there as a mailbox
+            if any(k != "c" for k, _ in segment):
+                out.append(_mailbox(segment))
+        else:
+            if any(k != "c" for k, _ in segment):
+                out.append(_mailbox(segment))
+            if stop == ("s", ";") and inGroup:
+                out.append([None, None, None, None])
+                inGroup = False
+        i = j + 1
+    if inGroup:
+        out.append([None, None, None, None])
+    return out or None
+
+
+def envelope(fields) -> dict:
+    """The RFC 3501 ENVELOPE data from a header's fields."""
+    first = _fieldDict(fields)
+    env = {}
+    for name in ("date", "subject", "in-reply-to", "message-id"):
+        value = first.get(name)
+        env[name] = text(value) if value is not None else None
+    for name in ADDRESS_FIELDS:
+        value = first.get(name)
+        env[name] = parseAddressList(text(value)) if value is not None else None
+    return env
+
+
+# --------------------------------------------------------------------------
+# entities
+
+
+class _Analyzer:
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.parts = 0
+
+    def entity(self, start, end, depth, defaultType=("text", "plain")):
+        """Analyse the entity (header + body) at C{raw[start:end]}; returns (part, fields)."""
+        fields, bodyStart = splitHeader(self.raw, start, end)
+        return self.part(fields, start, bodyStart, end, depth, defaultType), fields
+
+    def part(self, fields, headerStart, bodyStart, end, depth, defaultType):
+        raw = self.raw
+        self.parts += 1
+        first = _fieldDict(fields)
+        ctype = first.get("content-type")
+        params = []
+        mtype, subtype = defaultType
+        if ctype is not None:
+            main, params = parseContentValue(text(ctype))
+            if "/" in main:
+                t, _, s = main.partition("/")
+                t, s = t.strip().lower(), s.strip().lower()
+                if t and s:
+                    mtype, subtype = t, s
+                else:
+                    mtype, subtype, params = "text", "plain", []
+            else:
+                mtype, subtype, params = "text", "plain", []
+        elif (mtype, subtype) == ("text", "plain"):
+            params = [["charset", "us-ascii"]]
+        encoding = first.get("content-transfer-encoding")
+        encoding = text(encoding).strip().upper() if encoding else "7BIT"
+        if not encoding:
+            encoding = "7BIT"
+        disposition = first.get("content-disposition")
+        if disposition is not None:
+            dmain, dparams = parseContentValue(text(disposition))
+            disposition = [dmain.lower(), dparams] if dmain else None
+        language = first.get("content-language")
+        if language is not None:
+            language = [x.strip() for x in text(language).split(",") if x.strip()] or None
+
+        def opt(name):
+            value = first.get(name)
+            return text(value) if value is not None else None
+
+        part = {
+            "type": mtype,
+            "subtype": subtype,
+            "params": params,
+            "id": opt("content-id"),
+            "description": opt("content-description"),
+            "encoding": encoding,
+            "size": end - bodyStart,
+            "md5": None,
+            "disposition": disposition,
+            "language": language,
+            "location": opt("content-location"),
+            "offsets": [headerStart, bodyStart, end],
+        }
+        tooDeep = depth >= MAX_DEPTH or self.parts >= MAX_PARTS
+        if mtype == "multipart":
+            boundary = _param(params, "boundary")
+            if not boundary:
+                part.update(type="text", subtype="plain", params=[])
+                part["lines"] = countLines(raw, bodyStart, end)
+            elif tooDeep:
+                part.update(type="application", subtype="octet-stream")
+            else:
+                inner = ("message", "rfc822") if subtype == "digest" else ("text", "plain")
+                part["parts"] = self.multipart(boundary, bodyStart, end, depth + 1, inner)
+        elif mtype == "message" and subtype in ("rfc822", "global") and encoding in ("7BIT", "8BIT", "BINARY"):
+            if tooDeep:
+                part.update(type="application", subtype="octet-stream")
+            else:
+                body, nestedFields = self.entity(bodyStart, end, depth + 1)
+                part["envelope"] = envelope(nestedFields)
+                part["body"] = body
+                part["lines"] = countLines(raw, bodyStart, end)
+        elif mtype == "text":
+            part["lines"] = countLines(raw, bodyStart, end)
+        return part
+
+    def multipart(self, boundary, start, end, depth, defaultType):
+        raw = self.raw
+        delim = b"--" + boundary.encode("utf-8", "replace")
+        bounds = []  # (partStart, partEnd)
+        current = None
+        pos = start
+        closed = False
+        while pos < end:
+            idx = raw.find(delim, pos, end)
+            if idx < 0:
+                break
+            pos = idx + len(delim)
+            if idx != start and raw[idx - 1] != 0x0A:
+                continue
+            nl = raw.find(b"\n", pos, end)
+            lineEnd = end if nl < 0 else nl + 1
+            rest = raw[pos:lineEnd]
+            close = rest.startswith(b"--")
+            if close:
+                rest = rest[2:]
+            if rest.strip(b" \t\r\n"):
+                continue  # a longer boundary sharing this prefix
+            if current is not None:
+                partEnd = idx
+                if partEnd > current and raw[partEnd - 1] == 0x0A:
+                    partEnd -= 1
+                    if partEnd > current and raw[partEnd - 1] == 0x0D:
+                        partEnd -= 1
+                bounds.append((current, max(partEnd, current)))
+                current = None
+            if close:
+                closed = True
+                break
+            if self.parts + len(bounds) >= MAX_PARTS:
+                current = lineEnd
+                break
+            current = lineEnd
+            pos = lineEnd
+        if current is not None and not closed:
+            bounds.append((current, end))
+        if not bounds:
+            # The boundary never occurs: the whole body is one text part.
+            self.parts += 1
+            return [
+                {
+                    "type": "text",
+                    "subtype": "plain",
+                    "params": [],
+                    "id": None,
+                    "description": None,
+                    "encoding": "7BIT",
+                    "size": end - start,
+                    "lines": countLines(raw, start, end),
+                    "md5": None,
+                    "disposition": None,
+                    "language": None,
+                    "location": None,
+                    "offsets": [start, start, end],
+                }
+            ]
+        return [self.entity(s, e, depth, defaultType)[0] for s, e in bounds]
 
 
 def analyze(raw: bytes) -> dict:
-    raise NotImplementedError
+    """Analyse a whole message (see the module docstring for the result)."""
+    raw = bytes(raw)
+    a = _Analyzer(raw)
+    body, fields = a.entity(0, len(raw), 0)
+    return {
+        "version": STRUCTURE_VERSION,
+        "size": len(raw),
+        "headers": [[name, text(value.strip(b" \t\r\n"))] for name, value in fields],
+        "envelope": envelope(fields),
+        "body": body,
+    }
+
+
+def children(node: dict) -> list:
+    """
+    The parts IMAP numbers below C{node} (RFC 3501 6.4.5): the parts of a
+    multipart, or for an encapsulated message the parts of its body (the
+    body itself when it is not a multipart).  C{node} may also be a whole
+    analysis (the top-level message).
+    """
+    if "version" in node or "envelope" in node and "body" in node:
+        body = node["body"]
+        return body.get("parts") or [body]
+    return node.get("parts") or []
+
+
+def findPart(structure: dict, path) -> dict | None:
+    """The part at IMAP part number C{path} (a tuple of ints), or C{None}."""
+    node = structure
+    for number in path:
+        kids = children(node)
+        if not 1 <= number <= len(kids):
+            return None
+        node = kids[number - 1]
+    return node

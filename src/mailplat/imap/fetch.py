@@ -1,0 +1,275 @@
+"""
+IMAP FETCH data items (RFC 3501 6.4.5 and 7.4.2), built from the cached
+analysis of L{mailplat.mime.structure} and the raw message bytes.
+
+  - L{formatEnvelope}, L{formatBodyStructure}: ENVELOPE, BODY and
+    BODYSTRUCTURE (with extension data: md5, disposition, language,
+    location; multipart parameters);
+  - L{sectionBytes}: the octets of C{BODY[section]} sliced from the raw
+    message with the cached offsets -- C{HEADER}, C{HEADER.FIELDS},
+    C{HEADER.FIELDS.NOT}, C{TEXT}, C{MIME} and nested part numbers;
+  - L{FetchPlan}: what a list of attributes needs (structure, content,
+    setting C{\\Seen}) and L{FetchPlan.items} to build one message's items.
+
+Deviations: a part number that does not exist, or C{HEADER}/C{TEXT} asked
+of a part that is not C{message/rfc822}, gives an empty string (RFC 3501
+leaves it to the server; several servers answer NIL, which some clients do
+not expect for a literal).  Sender and Reply-To default to From in the
+ENVELOPE, as RFC 3501 requires.
+"""
+
+from __future__ import annotations
+
+from mailplat.imap import wire
+from mailplat.mime.structure import STRUCTURE_VERSION, analyze, findPart
+
+_NIL = b"NIL"
+
+
+def _n(value) -> bytes:
+    return wire.nstring(value)
+
+
+def _addresses(addrs) -> bytes:
+    if not addrs:
+        return _NIL
+    return b"(" + b"".join(b"(" + b" ".join(_n(x) for x in a) + b")" for a in addrs) + b")"
+
+
+def formatEnvelope(env: dict) -> bytes:
+    fromAddr = env.get("from")
+    sender = env.get("sender") or fromAddr
+    replyTo = env.get("reply-to") or fromAddr
+    return b"(" + b" ".join(
+        [
+            _n(env.get("date")),
+            _n(env.get("subject")),
+            _addresses(fromAddr),
+            _addresses(sender),
+            _addresses(replyTo),
+            _addresses(env.get("to")),
+            _addresses(env.get("cc")),
+            _addresses(env.get("bcc")),
+            _n(env.get("in-reply-to")),
+            _n(env.get("message-id")),
+        ]
+    ) + b")"
+
+
+def _params(params) -> bytes:
+    if not params:
+        return _NIL
+    return b"(" + b" ".join(wire.string(n) + b" " + wire.string(v) for n, v in params) + b")"
+
+
+def _disposition(disp) -> bytes:
+    if not disp:
+        return _NIL
+    return b"(" + wire.string(disp[0].upper()) + b" " + _params(disp[1]) + b")"
+
+
+def _language(lang) -> bytes:
+    if not lang:
+        return _NIL
+    if len(lang) == 1:
+        return wire.string(lang[0])
+    return b"(" + b" ".join(wire.string(x) for x in lang) + b")"
+
+
+def formatBodyStructure(part: dict, extensible: bool = True) -> bytes:
+    """BODYSTRUCTURE (C{extensible}) or BODY of one part and its children."""
+    if "parts" in part:
+        out = b"".join(formatBodyStructure(p, extensible) for p in part["parts"])
+        out += b" " + wire.string(part["subtype"].upper())
+        if extensible:
+            out += b" " + b" ".join(
+                [
+                    _params(part["params"]),
+                    _disposition(part["disposition"]),
+                    _language(part["language"]),
+                    _n(part["location"]),
+                ]
+            )
+        return b"(" + out + b")"
+    items = [
+        wire.string(part["type"].upper()),
+        wire.string(part["subtype"].upper()),
+        _params(part["params"]),
+        _n(part["id"]),
+        _n(part["description"]),
+        wire.string(part["encoding"]),
+        b"%d" % part["size"],
+    ]
+    if "body" in part and "envelope" in part:
+        items += [
+            formatEnvelope(part["envelope"]),
+            formatBodyStructure(part["body"], extensible),
+            b"%d" % part.get("lines", 0),
+        ]
+    elif part["type"] == "text":
+        items.append(b"%d" % part.get("lines", 0))
+    if extensible:
+        items += [
+            _n(part["md5"]),
+            _disposition(part["disposition"]),
+            _language(part["language"]),
+            _n(part["location"]),
+        ]
+    return b"(" + b" ".join(items) + b")"
+
+
+# --------------------------------------------------------------------------
+# sections
+
+
+def _headerLines(raw: bytes, start: int, end: int):
+    """The header at C{raw[start:end]} as a list of (lower name or None, raw octets)."""
+    out = []  # (name, [lines])
+    pos = start
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        lineEnd = end if nl < 0 else nl + 1
+        line = raw[pos:lineEnd]
+        stripped = line.rstrip(b"\r\n")
+        if not stripped:
+            break
+        if stripped[:1] in (b" ", b"\t") and out:
+            out[-1][1].append(line)
+        else:
+            colon = stripped.find(b":")
+            name = stripped[:colon].strip().decode("latin-1").lower() if colon > 0 else None
+            out.append((name, [line]))
+        pos = lineEnd
+    return [(name, b"".join(lines)) for name, lines in out]
+
+
+def filterHeader(raw: bytes, start: int, end: int, fields, exclude: bool) -> bytes:
+    wanted = {f.lower() for f in fields}
+    kept = [
+        data
+        for name, data in _headerLines(raw, start, end)
+        if name is not None and ((name in wanted) != exclude)
+    ]
+    out = b"".join(d if d.endswith(b"\n") else d + b"\r\n" for d in kept)
+    return out + b"\r\n"
+
+
+def _messageNode(node: dict):
+    """The body part of a message node (top level or message/rfc822), or None."""
+    if "version" in node or ("envelope" in node and "body" in node):
+        return node["body"]
+    return None
+
+
+def sectionBytes(raw: bytes, structure: dict, section: wire.Section):
+    """The octets of C{BODY[section]}, or C{None} if the part does not exist."""
+    if not section.part and section.text is None:
+        return raw
+    node = findPart(structure, section.part) if section.part else structure
+    if node is None:
+        return None
+    kind = section.text
+    if kind is None:
+        hs, bs, end = node["offsets"]
+        return raw[bs:end]
+    if kind == "MIME":
+        hs, bs, end = node["offsets"]
+        return raw[hs:bs]
+    body = _messageNode(node)
+    if body is None:
+        return None
+    hs, bs, end = body["offsets"]
+    if kind == "HEADER":
+        return raw[hs:bs]
+    if kind == "TEXT":
+        return raw[bs:end]
+    return filterHeader(raw, hs, bs, section.fields, kind == "HEADER.FIELDS.NOT")
+
+
+def partial(data: bytes, spec):
+    if spec is None:
+        return data
+    origin, length = spec
+    return data[origin : origin + length]
+
+
+# --------------------------------------------------------------------------
+# planning a FETCH
+
+
+class FetchPlan:
+    """What a FETCH with attributes C{atts} needs, and how to answer it."""
+
+    def __init__(self, atts, uid: bool, readOnly: bool):
+        atts = list(atts)
+        if uid and not any(a.name == "UID" for a in atts):
+            atts.insert(0, wire.FetchAtt("UID"))
+        self.atts = atts
+        names = {a.name for a in atts}
+        self.needsContent = bool(names & {"BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
+        self.needsStructure = bool(
+            names & {"ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.HEADER", "RFC822.TEXT"}
+        ) or any(a.name == "BODY[]" and (a.section.part or a.section.text) for a in atts)
+        self.setsSeen = not readOnly and any(
+            (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT") for a in atts
+        )
+        self.wantsFlags = "FLAGS" in names
+
+    def items(self, seq, meta, flags, content, structure):
+        """
+        The C{(name, value)} pairs of one message.  C{flags} is the flag list
+        to show (with C{\\Recent} when it applies); C{content} the raw bytes
+        (when L{needsContent}); C{structure} the analysis (when needed).
+        """
+        out = []
+        for att in self.atts:
+            name = att.name
+            if name == "FLAGS":
+                out.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
+            elif name == "UID":
+                out.append((b"UID", b"%d" % meta.uid))
+            elif name == "INTERNALDATE":
+                out.append((b"INTERNALDATE", wire.formatDateTime(meta.internalDate)))
+            elif name == "RFC822.SIZE":
+                out.append((b"RFC822.SIZE", b"%d" % meta.size))
+            elif name == "ENVELOPE":
+                out.append((b"ENVELOPE", formatEnvelope(structure["envelope"])))
+            elif name == "BODYSTRUCTURE":
+                out.append((b"BODYSTRUCTURE", formatBodyStructure(structure["body"], True)))
+            elif name == "BODY":
+                out.append((b"BODY", formatBodyStructure(structure["body"], False)))
+            elif name == "RFC822":
+                out.append((b"RFC822", wire.literal(content)))
+            elif name == "RFC822.HEADER":
+                hs, bs, _ = structure["body"]["offsets"]
+                out.append((b"RFC822.HEADER", wire.literal(content[hs:bs])))
+            elif name == "RFC822.TEXT":
+                _, bs, end = structure["body"]["offsets"]
+                out.append((b"RFC822.TEXT", wire.literal(content[bs:end])))
+            elif name == "BODY[]":
+                data = sectionBytes(content, structure, att.section)
+                if data is None:
+                    data = b""
+                data = partial(data, att.partial)
+                out.append((att.responseName().encode("ascii"), wire.literal(data)))
+        return out
+
+
+def ensureStructure(structure, content):
+    """A usable analysis: the cached one if current, else one made from C{content}."""
+    if isinstance(structure, dict) and structure.get("version") == STRUCTURE_VERSION:
+        return structure
+    if content is None:
+        return None
+    return analyze(content)
+
+
+__all__ = [
+    "FetchPlan",
+    "ensureStructure",
+    "filterHeader",
+    "formatBodyStructure",
+    "formatEnvelope",
+    "sectionBytes",
+]
+

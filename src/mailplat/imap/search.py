@@ -1,0 +1,244 @@
+"""
+IMAP SEARCH (RFC 3501 6.4.4): evaluation of the key trees that
+L{mailplat.imap.wire.parseSearchKey} builds, against one message at a time.
+
+Header keys (FROM, TO, CC, BCC, SUBJECT, HEADER) use the header fields
+cached in the message analysis; they match a case-insensitive substring of
+the raw value or of its RFC 2047 decoding.  BODY and TEXT need the content:
+they match the raw octets and the text of each C{text/*} part after
+content-transfer and charset decoding.  Dates (BEFORE, ON, SINCE) use the
+internal date's day in UTC; SENT* use the Date field's own day, ignoring its
+time and zone; a message without a readable Date field matches no SENT* key.
+
+Deviation: substring comparison is Unicode case folding (RFC 3501 only
+requires ASCII case-insensitivity), which is a superset.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime
+import email.header
+import email.utils
+import quopri
+from dataclasses import dataclass
+from typing import Optional
+
+CHARSETS = ("UTF-8", "US-ASCII")
+
+
+@dataclass
+class Candidate:
+    """What a search knows about one message."""
+
+    seq: int
+    uid: int
+    flags: frozenset
+    recent: bool
+    size: int
+    internalDate: float
+    structure: Optional[dict] = None
+    content: Optional[bytes] = None
+
+
+def _walk(key):
+    yield key
+    kind = key[0]
+    if kind == "and":
+        for k in key[1]:
+            yield from _walk(k)
+    elif kind == "or":
+        yield from _walk(key[1])
+        yield from _walk(key[2])
+    elif kind == "not":
+        yield from _walk(key[1])
+
+
+def needsStructure(key) -> bool:
+    return any(k[0] == "header" or (k[0] == "date" and k[3]) for k in _walk(key))
+
+
+def needsContent(key) -> bool:
+    return any(k[0] in ("body", "text") for k in _walk(key))
+
+
+def prepare(key, charset: Optional[str] = None):
+    """
+    Decode the byte strings of a key tree (parsed from the wire) into
+    case-folded text, for L{matches}.
+    """
+    kind = key[0]
+    if kind == "and":
+        return ("and", tuple(prepare(k, charset) for k in key[1]))
+    if kind == "or":
+        return ("or", prepare(key[1], charset), prepare(key[2], charset))
+    if kind == "not":
+        return ("not", prepare(key[1], charset))
+    if kind == "header":
+        return ("header", key[1], _decode(key[2]))
+    if kind in ("body", "text"):
+        return (kind, _decode(key[1]))
+    return key
+
+
+def _decode(value) -> str:
+    if isinstance(value, str):
+        return value.casefold()
+    return value.decode("utf-8", "replace").casefold()
+
+
+def _rfc2047(value: str) -> str:
+    if "=?" not in value:
+        return value
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return value
+
+
+def _headerMatches(structure, name, needle) -> bool:
+    if structure is None:
+        return False
+    for fieldName, value in structure.get("headers", ()):
+        if fieldName.lower() != name:
+            continue
+        if not needle:
+            return True
+        if needle in value.casefold() or needle in _rfc2047(value).casefold():
+            return True
+    return False
+
+
+def _sentDay(structure):
+    if structure is None:
+        return None
+    raw = (structure.get("envelope") or {}).get("date")
+    if not raw:
+        return None
+    try:
+        parsed = email.utils.parsedate_tz(raw)
+        if parsed is None:
+            return None
+        return datetime.date(parsed[0], parsed[1], parsed[2])
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
+
+
+def _compareDay(day, kind, date) -> bool:
+    if day is None:
+        return False
+    if kind == "before":
+        return day < date
+    if kind == "on":
+        return day == date
+    return day >= date
+
+
+def _transferDecode(data: bytes, encoding: str) -> bytes:
+    try:
+        if encoding == "BASE64":
+            return binascii.a2b_base64(b"".join(data.split()))
+        if encoding == "QUOTED-PRINTABLE":
+            return quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        return data
+    return data
+
+
+def _texts(content: bytes, part: dict, depth=0):
+    """Decoded text of the C{text/*} leaves (and nested message headers)."""
+    if depth > 60:
+        return
+    if "parts" in part:
+        for p in part["parts"]:
+            yield from _texts(content, p, depth + 1)
+        return
+    if "body" in part and "envelope" in part:
+        hs, bs, _ = part["body"]["offsets"]
+        yield content[hs:bs].decode("utf-8", "replace")
+        yield from _texts(content, part["body"], depth + 1)
+        return
+    if part["type"] != "text":
+        return
+    hs, bs, end = part["offsets"]
+    data = _transferDecode(content[bs:end], part["encoding"])
+    charset = "utf-8"
+    for n, v in part["params"]:
+        if n == "charset":
+            charset = v
+    try:
+        yield data.decode(charset, "replace")
+    except LookupError:
+        yield data.decode("utf-8", "replace")
+
+
+def _contentMatches(msg: Candidate, needle: str, withHeader: bool) -> bool:
+    content = msg.content
+    if content is None:
+        return False
+    structure = msg.structure
+    body = structure["body"] if structure else None
+    if body is None:
+        return needle in content.decode("utf-8", "replace").casefold()
+    hs, bs, end = body["offsets"]
+    if withHeader:
+        if needle in content[hs:bs].decode("utf-8", "replace").casefold():
+            return True
+        for _, value in structure.get("headers", ()):
+            if "=?" in value and needle in _rfc2047(value).casefold():
+                return True
+    if needle in content[bs:end].decode("utf-8", "replace").casefold():
+        return True
+    for chunk in _texts(content, body):
+        if needle in chunk.casefold():
+            return True
+    return False
+
+
+def matches(key, msg: Candidate, maxSeq: int, maxUid: int) -> bool:
+    """Whether C{msg} matches the prepared key C{key}."""
+    kind = key[0]
+    if kind == "and":
+        return all(matches(k, msg, maxSeq, maxUid) for k in key[1])
+    if kind == "or":
+        return matches(key[1], msg, maxSeq, maxUid) or matches(key[2], msg, maxSeq, maxUid)
+    if kind == "not":
+        return not matches(key[1], msg, maxSeq, maxUid)
+    if kind == "all":
+        return True
+    if kind == "flag":
+        return (key[1] in msg.flags) == key[2]
+    if kind == "keyword":
+        lowered = key[1].lower()
+        return any(f.lower() == lowered for f in msg.flags) == key[2]
+    if kind == "new":
+        return msg.recent and "\\Seen" not in msg.flags
+    if kind == "old":
+        return not msg.recent
+    if kind == "recent":
+        return msg.recent
+    if kind == "seq":
+        return key[1].contains(msg.seq, maxSeq)
+    if kind == "uid":
+        return key[1].contains(msg.uid, maxUid)
+    if kind == "larger":
+        return msg.size > key[1]
+    if kind == "smaller":
+        return msg.size < key[1]
+    if kind == "date":
+        _, which, date, sent = key
+        if sent:
+            day = _sentDay(msg.structure)
+        else:
+            day = datetime.datetime.fromtimestamp(int(msg.internalDate), datetime.timezone.utc).date()
+        return _compareDay(day, which, date)
+    if kind == "header":
+        return _headerMatches(msg.structure, key[1], key[2])
+    if kind == "body":
+        return _contentMatches(msg, key[1], False)
+    if kind == "text":
+        return _contentMatches(msg, key[1], True)
+    raise ValueError(f"unknown search key {kind!r}")
+
+
+__all__ = ["CHARSETS", "Candidate", "matches", "needsContent", "needsStructure", "prepare"]
