@@ -1,10 +1,8 @@
 import os
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from mailplat.interfaces.processing import ProcessingItem
 from mailplat.interfaces.queue import Envelope
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
 from mailplat.queue.runner import QueueRunner

@@ -4,7 +4,6 @@ driven by Python's smtplib, imaplib and poplib over plain, STARTTLS and
 implicit-TLS connections, then killed with SIGKILL right after a 250.
 """
 
-import email
 import imaplib
 import json
 import poplib

@@ -19,16 +19,14 @@ import json
 import os
 import secrets
 import tempfile
-import threading
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailplat.interfaces.queue import Envelope, IQueue, IQueueFactory, IQueueTransaction, QueueEntry
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
-from mailplat.store.writer import WriteOp, Writer, connect, writeFile
+from mailplat.store.writer import Database, WriteOp, writeFile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -161,9 +159,8 @@ class SQLiteQueue:
         self.messagesDir = os.path.join(self.directory, "messages")
         self.tmpDir = os.path.join(self.directory, "tmp")
         self._dbPath = os.path.join(self.directory, "queue.sqlite")
-        self._writer = Writer(self._dbPath, reactor, name="mailplat-queue-writer")
+        self._db = Database(self._dbPath, SCHEMA, reactor, "mailplat-queue-writer")
         self.spillSize = spillSize
-        self._local = threading.local()
         self._committedListeners = []
 
     def open(self):
@@ -175,16 +172,11 @@ class SQLiteQueue:
                 os.unlink(os.path.join(self.tmpDir, leftover))
             except OSError:
                 pass
-        db = connect(self._dbPath)
-        try:
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
-        self._writer.start()
+        self._db.start()
         return defer.succeed(None)
 
     def close(self):
-        return self._writer.stop()
+        return self._db.stop()
 
     def onCommitted(self, callback):
         """Call C{callback(queueId)} on the reactor after each commit (the runner's kick)."""
@@ -228,7 +220,7 @@ class SQLiteQueue:
                     except OSError:
                         pass
 
-        d = self._writer.submit(WriteOp(apply, prepare, None, onFailure))
+        d = self._db.submit(WriteOp(apply, prepare, None, onFailure))
 
         def notify(q):
             for cb in self._committedListeners:
@@ -238,17 +230,7 @@ class SQLiteQueue:
         return d.addCallback(notify)
 
     def _read(self, f):
-        def run():
-            db = getattr(self._local, "db", None)
-            if db is None:
-                db = self._local.db = connect(self._dbPath)
-            db.execute("BEGIN")
-            try:
-                return f(db)
-            finally:
-                db.execute("COMMIT")
-
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+        return self._db.read(f)
 
     def _entries(self, db, where, args, limit=None):
         sql = "SELECT id, envelope, size, arrival, attempts, next_attempt, held FROM entries " + where
@@ -318,7 +300,7 @@ class SQLiteQueue:
                 except FileNotFoundError:
                     pass
 
-        return self._writer.submit(WriteOp(apply, None, after))
+        return self._db.submit(WriteOp(apply, None, after))
 
     def _setHeld(self, queueId, held, now=None):
         def apply(db):
@@ -327,7 +309,7 @@ class SQLiteQueue:
             if not db.execute(sql, args).rowcount:
                 raise KeyError(queueId)
 
-        return self._writer.submit(WriteOp(apply))
+        return self._db.submit(WriteOp(apply))
 
     def hold(self, queueId):
         return self._setHeld(queueId, 1)
@@ -346,7 +328,7 @@ class SQLiteQueue:
                 raise KeyError(queueId)
             return n
 
-        return self._writer.submit(WriteOp(apply))
+        return self._db.submit(WriteOp(apply))
 
     def delete(self, queueId):
         def apply(db):
@@ -359,7 +341,7 @@ class SQLiteQueue:
             except FileNotFoundError:
                 pass
 
-        return self._writer.submit(WriteOp(apply, None, after))
+        return self._db.submit(WriteOp(apply, None, after))
 
 
 @implementer(IPlugin, IQueueFactory)

@@ -23,7 +23,6 @@ import threading
 import time
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -44,7 +43,7 @@ from mailplat.interfaces.storage import (
     validateMailboxName,
 )
 from mailplat.store.events import Listeners
-from mailplat.store.writer import WriteOp, Writer, connect, linkOrCopy, writeFile
+from mailplat.store.writer import Database, WriteOp, linkOrCopy, writeFile
 from mailplat.plugins import dataPathArgument
 from mailplat.testing import applyFlags, normaliseFlags
 
@@ -110,8 +109,7 @@ class SQLiteStore:
         self.directory = os.path.abspath(directory)
         self._dbPath = os.path.join(self.directory, "index.sqlite")
         self._messagesDir = os.path.join(self.directory, "messages")
-        self._writer = Writer(self._dbPath, reactor, name="mailplat-store-writer")
-        self._local = threading.local()
+        self._db = Database(self._dbPath, SCHEMA, reactor, "mailplat-store-writer")
         self._listeners = Listeners()
         self._uidvalidityLock = threading.Lock()
         self._lastUidvalidity = 0
@@ -120,37 +118,21 @@ class SQLiteStore:
 
     def open(self):
         os.makedirs(self._messagesDir, exist_ok=True)
-        db = connect(self._dbPath)
-        try:
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
-        self._writer.start()
+        self._db.start()
         return defer.succeed(None)
 
     def close(self):
-        return self._writer.stop()
+        return self._db.stop()
 
     def _readDb(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = connect(self._dbPath)
-        return db
+        return self._db.connection()
 
     def _read(self, f, *a):
-        def run():
-            db = self._readDb()
-            db.execute("BEGIN")
-            try:
-                return f(db, *a)
-            finally:
-                db.execute("COMMIT")
-
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+        return self._db.read(f, *a)
 
     def _write(self, apply, prepare=None, after=None, onFailure=None, events=None):
         op = WriteOp(apply, prepare, after, onFailure)
-        d = self._writer.submit(op)
+        d = self._db.submit(op)
         if events is not None:
             d.addCallback(self._emitEvents, events)
         return d

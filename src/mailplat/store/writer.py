@@ -123,6 +123,56 @@ def connect(path: str) -> sqlite3.Connection:
     return db
 
 
+class Database:
+    """
+    One SQLite database used from Twisted: a L{Writer} thread for changes
+    (group commit) and the reactor's thread pool for reads, one connection
+    per thread, each read in its own transaction.
+    """
+
+    def __init__(self, path: str, schema: str, reactor, name: str):
+        self.path = path
+        self._schema = schema
+        self._reactor = reactor
+        self.writer = Writer(path, reactor, name=name)
+        self._local = threading.local()
+
+    def start(self):
+        db = connect(self.path)
+        try:
+            db.executescript(self._schema)
+        finally:
+            db.close()
+        self.writer.start()
+
+    def stop(self):
+        return self.writer.stop()
+
+    def submit(self, op: "WriteOp"):
+        return self.writer.submit(op)
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's read connection."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.path)
+        return db
+
+    def read(self, f, *args):
+        """Run C{f(connection, *args)} in a thread, in a read transaction; fires with its result."""
+        from twisted.internet.threads import deferToThreadPool
+
+        def run():
+            db = self.connection()
+            db.execute("BEGIN")
+            try:
+                return f(db, *args)
+            finally:
+                db.execute("COMMIT")
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+
+
 class Writer:
     """The writer thread of one database."""
 
