@@ -29,7 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailplat import plugins
 from mailplat.auth.realm import MailRealm
 from mailplat.auth.sasl import Registry
-from mailplat.config import Config, defaultConfig
+from mailplat.config import Config, PluginChoice, defaultConfig
 from mailplat.directory import Directory
 from mailplat.interfaces import PluginContext
 from mailplat.interfaces.conversion import IConverter
@@ -41,6 +41,8 @@ from mailplat.interfaces.storage import IMessageStore
 from mailplat.metrics import Metrics
 
 _log = Logger()
+
+PluginChoiceText = PluginChoice("text")
 
 ROLES = ("smtp", "imap", "pop3", "http")
 
@@ -79,10 +81,15 @@ class Platform:
         self.processors = [
             attempt(lambda c=c: plugins.build("processor", c, context, IMessageProcessor)) for c in self.config.processors
         ]
-        self.converters = []
-        for c in self.config.converters:
+        from mailplat.mime.convert import Registry as ConverterRegistry
+
+        # Converters named in the config first, then the built-in ones: the
+        # first registered for a (source, target) pair wins.
+        self.converters = ConverterRegistry()
+        for c in tuple(self.config.converters) + (PluginChoiceText,):
             built = attempt(lambda c=c: plugins.build("converter", c, context, IConverter), [])
-            self.converters.extend(built if isinstance(built, (list, tuple)) else [built])
+            for converter in built if isinstance(built, (list, tuple)) else [built]:
+                self.converters.register(converter)
         if errors:
             raise plugins.PluginError("\n".join(errors))
         self._tls = None

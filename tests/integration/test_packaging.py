@@ -75,7 +75,7 @@ def test_extensionPluginsFoundByName(venv):
     script = (
         "from mailplat import plugins\n"
         "for kind, name in [('store','sqlite'),('queue','sqlite'),('checker','directory'),('checker','file'),"
-        "('router','directory'),('processor','subject-tag')]:\n"
+        "('router','directory'),('converter','text'),('processor','subject-tag')]:\n"
         "    print(kind, name, type(plugins.find(kind, name)).__module__)\n"
         "try:\n"
         "    plugins.find('store', 'nonexistent')\n"

@@ -2,6 +2,7 @@
 
 from twisted.application.service import ServiceMaker
 
+from mailplat.mime.convert import TextConvertersFactory
 from mailplat.auth.checkers import DirectoryCheckerFactory, PasswordFileCheckerFactory
 from mailplat.queue.sqlite import SQLiteQueueFactory
 from mailplat.routing.directory import DirectoryRouterFactory
@@ -18,3 +19,4 @@ sqliteQueue = SQLiteQueueFactory()
 directoryChecker = DirectoryCheckerFactory()
 passwordFileChecker = PasswordFileCheckerFactory()
 directoryRouter = DirectoryRouterFactory()
+textConverters = TextConvertersFactory()
