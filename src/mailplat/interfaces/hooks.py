@@ -19,7 +19,7 @@ is the same as answering C{CONTINUE}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zope.interface import Attribute, Interface
 
@@ -56,6 +56,28 @@ class Decision:
     @classmethod
     def disconnect(cls, text="Closing connection", code=421, enhanced="4.7.0") -> "Decision":
         return cls(DISCONNECT, code, enhanced, text)
+
+
+@dataclass(frozen=True)
+class SMTPContext:
+    """
+    What a pre-queue hook sees of a session: a read-only snapshot taken when
+    the hook is called.
+    """
+
+    sessionId: str
+    hostname: str
+    role: str
+    clientAddress: str
+    clientPort: int = 0
+    clientName: str = ""
+    tls: bool = False
+    authenticatedUser: str = ""
+    sender: str | None = None
+    mailParams: dict = field(default_factory=dict)
+    recipients: tuple = ()
+    rcptParams: tuple = ()
+    routes: tuple = ()
 
 
 class ISMTPHook(Interface):

@@ -48,8 +48,6 @@ Deviations and choices:
     router accepted (a hook cannot turn a router rejection into an accept),
     and the C{data} hooks get the message as the client sent it (without
     the C{Received:} header the server adds).
-  - The hook context type L{SMTPContext} named by
-    L{mailplat.interfaces.hooks} is defined here.
 """
 
 from __future__ import annotations
@@ -59,7 +57,6 @@ import datetime
 import email.utils
 import ipaddress
 import secrets
-from dataclasses import dataclass, field
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
@@ -69,7 +66,7 @@ from twisted.python.failure import Failure
 
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.interfaces.auth import IMailAccount
-from mailplat.interfaces.hooks import ACCEPT, CONTINUE, DISCONNECT, REJECT_PERM, REJECT_TEMP, Decision
+from mailplat.interfaces.hooks import ACCEPT, CONTINUE, DISCONNECT, REJECT_PERM, REJECT_TEMP, Decision, SMTPContext
 from mailplat.interfaces.queue import Envelope
 from mailplat.interfaces.routing import RoutingRequest
 from mailplat.smtp import wire
@@ -84,28 +81,6 @@ ROLES = ("mx", "submission", "submissions")
 
 #: Pause reading from the client while this much unprocessed input is buffered.
 PAUSE_THRESHOLD = 64 * 1024
-
-
-@dataclass(frozen=True)
-class SMTPContext:
-    """
-    What a pre-queue hook sees of a session: a read-only snapshot taken when
-    the hook is called.
-    """
-
-    sessionId: str
-    hostname: str
-    role: str
-    clientAddress: str
-    clientPort: int = 0
-    clientName: str = ""
-    tls: bool = False
-    authenticatedUser: str = ""
-    sender: str | None = None
-    mailParams: dict = field(default_factory=dict)
-    recipients: tuple = ()
-    rcptParams: tuple = ()
-    routes: tuple = ()
 
 
 class SMTPFactory(ServerFactory):
