@@ -9,6 +9,7 @@ until every listener accepts connections, and kills it at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,3 +130,25 @@ def mailplatCommand(workdir, *args, input=None, env=None):
         cwd=workdir, input=input, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, **(env or {})),
     )
+
+
+def requirePeer(*programs):
+    """
+    The paths of external programs a test needs.  A missing one fails the
+    test in CI (C{CI=true}: C{.ci/run} installs every peer) and skips it on a
+    developer machine, with the reason.
+    """
+    import pytest
+
+    paths = []
+    for program in programs:
+        path = shutil.which(program) or next(
+            (p for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}") if os.access(p, os.X_OK)), None
+        )
+        if path is None:
+            reason = f"the peer {program!r} is not installed (scripts/test installs tests/peers/*.txt)"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        paths.append(path)
+    return paths[0] if len(paths) == 1 else paths
