@@ -152,6 +152,18 @@ def cmdDomain(args, config, out):
         out(f"removed domain {args.domain.lower()}")
 
 
+def _setScram(directory, address, password, out):
+    """Keep the SCRAM-SHA-256 verifier beside the hash (SMTP AUTH SCRAM-SHA-256 needs it)."""
+    from mailplat.auth.sasl import scramCredentials
+
+    try:
+        secret = scramCredentials(password).toText()
+    except ValueError as e:
+        out(f"note: SCRAM-SHA-256 is not available for this password ({e}); PLAIN and LOGIN work")
+        return
+    directory.setScramSecret(address, secret)
+
+
 def cmdUser(args, config, out):
     from mailplat.auth.passwords import hashPassword
     from mailplat.directory import normaliseAddress
@@ -169,7 +181,8 @@ def cmdUser(args, config, out):
         domain = address.split("@")[1]
         if not directory.hasDomain(domain):
             raise CommandError(f"domain {domain} is not served here; add it first with: mailplat domain add {domain}")
-        hashed = hashPassword(_readPassword())
+        password = _readPassword()
+        hashed = hashPassword(password)
 
         def create(platform):
             d = platform.store.createAccount(address)
@@ -178,11 +191,14 @@ def cmdUser(args, config, out):
 
         _run(create, config)
         directory.addUser(address, hashed)
+        _setScram(directory, address, password, out)
         out(f"added user {address}")
     elif args.action == "passwd":
         if not directory.hasUser(address):
             raise CommandError(f"no such user: {address}")
-        directory.setPasswordHash(address, hashPassword(_readPassword("New password: ")))
+        password = _readPassword("New password: ")
+        directory.setPasswordHash(address, hashPassword(password))
+        _setScram(directory, address, password, out)
         out(f"changed the password of {address}")
     elif args.action == "remove":
         directory.removeUser(address)

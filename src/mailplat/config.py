@@ -45,6 +45,13 @@ class SMTPConfig:
     max_recipients: int = 1000
     idle_timeout: int = 300
     auth_on_mx: bool = False
+    max_line_length: int = 512
+    max_text_line_length: int = 1000
+    max_messages_per_connection: int = 1000
+    max_errors: int = 20
+    max_auth_failures: int = 5
+    bare_line_endings: str = "refuse"
+    accept_8bit_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,15 @@ class _Checker:
         v = table[key]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             self.error(f"{path}.{key}", "must be a positive integer")
+            return default
+        return v
+
+    def nonNegativeInt(self, table, key, path, default):
+        if key not in table:
+            return default
+        v = table[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            self.error(f"{path}.{key}", "must be an integer, 0 or more")
             return default
         return v
 
@@ -268,7 +284,22 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         max_recipients=c.positiveInt(smtpT, "max_recipients", "smtp", s0.max_recipients),
         idle_timeout=c.positiveInt(smtpT, "idle_timeout", "smtp", s0.idle_timeout),
         auth_on_mx=c.boolean(smtpT, "auth_on_mx", "smtp", s0.auth_on_mx),
+        max_line_length=c.positiveInt(smtpT, "max_line_length", "smtp", s0.max_line_length),
+        max_text_line_length=c.nonNegativeInt(smtpT, "max_text_line_length", "smtp", s0.max_text_line_length),
+        max_messages_per_connection=c.nonNegativeInt(
+            smtpT, "max_messages_per_connection", "smtp", s0.max_messages_per_connection
+        ),
+        max_errors=c.positiveInt(smtpT, "max_errors", "smtp", s0.max_errors),
+        max_auth_failures=c.positiveInt(smtpT, "max_auth_failures", "smtp", s0.max_auth_failures),
+        bare_line_endings=c.string(smtpT, "bare_line_endings", "smtp", s0.bare_line_endings),
+        accept_8bit_headers=c.boolean(smtpT, "accept_8bit_headers", "smtp", s0.accept_8bit_headers),
     )
+    if smtp.bare_line_endings not in ("refuse", "normalise"):
+        c.error("smtp.bare_line_endings", 'must be "refuse" or "normalise"')
+    if smtp.max_line_length < 512:
+        c.error("smtp.max_line_length", "must be at least 512 (RFC 5321 4.5.3.1.4)")
+    if 0 < smtp.max_text_line_length < 1000:
+        c.error("smtp.max_text_line_length", "must be 0 (no limit) or at least 1000 (RFC 5321 4.5.3.1.6)")
 
     def access(name, default):
         t = c.table(top.get(name, {}), name, set(AccessConfig.__dataclass_fields__))

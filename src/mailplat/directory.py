@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS users (
     address TEXT PRIMARY KEY,
     password TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS scram (
+    address TEXT PRIMARY KEY,
+    secret TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS aliases (
     address TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -133,13 +137,39 @@ class Directory:
         with self._db() as db:
             if not db.execute("DELETE FROM users WHERE address=?", (a,)).rowcount:
                 raise DirectoryError(f"no such user: {a}")
+            db.execute("DELETE FROM scram WHERE address=?", (a,))
         return a
+
+    def setScramSecret(self, address: str, secret: str) -> str:
+        """
+        Keep the SCRAM-SHA-256 verifier of a user (the text form of
+        L{mailplat.auth.sasl.ScramSecret}: salt, iterations, StoredKey,
+        ServerKey — never the password), written with every password.
+        """
+        a = normaliseAddress(address)
+        with self._db() as db:
+            if not db.execute("SELECT 1 FROM users WHERE address=?", (a,)).fetchone():
+                raise DirectoryError(f"no such user: {a}")
+            db.execute("INSERT OR REPLACE INTO scram VALUES (?, ?)", (a, secret))
+        return a
+
+    def getScramSecret(self, address: str):
+        """The SCRAM-SHA-256 verifier text of a user, or C{None}."""
+        try:
+            a = normaliseAddress(address)
+        except DirectoryError:
+            return None
+        with self._db() as db:
+            row = db.execute("SELECT secret FROM scram WHERE address=?", (a,)).fetchone()
+        return row[0] if row else None
 
     def setPasswordHash(self, address: str, passwordHash: str) -> str:
         a = normaliseAddress(address)
         with self._db() as db:
             if not db.execute("UPDATE users SET password=? WHERE address=?", (passwordHash, a)).rowcount:
                 raise DirectoryError(f"no such user: {a}")
+            # A SCRAM verifier of the old password must not outlive it.
+            db.execute("DELETE FROM scram WHERE address=?", (a,))
         return a
 
     def getPasswordHash(self, address: str):

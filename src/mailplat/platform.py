@@ -77,6 +77,7 @@ class Platform:
         checkers = [attempt(lambda c=c: plugins.build("checker", c, context)) for c in self.config.checkers]
         self.portal = Portal(MailRealm(), [c for c in checkers if c is not None])
         self.router = attempt(lambda: plugins.build("router", self.config.router, context, IRouter))
+        context.extra["router"] = self.router
         self.hooks = [attempt(lambda c=c: plugins.build("hook", c, context, ISMTPHook)) for c in self.config.hooks]
         self.processors = [
             attempt(lambda c=c: plugins.build("processor", c, context, IMessageProcessor)) for c in self.config.processors
@@ -129,11 +130,43 @@ class Platform:
         c = self.config.smtp
         return SMTPFactory(
             hostname=self.config.hostname, portal=self.portal, router=self.router, queue=self.queue,
-            sasl=self.sasl, tlsContextFactory=self.tlsContextFactory(), role=role, hooks=self.hooks,
+            sasl=self.smtpSASL(), tlsContextFactory=self.tlsContextFactory(), role=role, hooks=self.hooks,
             maxMessageSize=c.max_message_size, maxRecipients=c.max_recipients,
             allowInsecureAuth=self.allowInsecureAuth, metrics=self.metrics, reactor=self.reactor,
             idleTimeout=c.idle_timeout, **({"authOnMX": True} if (role == "mx" and c.auth_on_mx) else {}),
+            maxLineLength=c.max_line_length, maxTextLineLength=c.max_text_line_length,
+            maxMessagesPerConnection=c.max_messages_per_connection, maxErrors=c.max_errors,
+            maxAuthFailures=c.max_auth_failures, normaliseBareLineEndings=c.bare_line_endings == "normalise",
+            eightBitHeaders=c.accept_8bit_headers,
         )
+
+    def smtpSASL(self):
+        """
+        The SMTP AUTH mechanisms: the shared ones, CRAM-MD5 (offered only
+        when a checker can verify it) and, with the directory checker,
+        SCRAM-SHA-256 against the verifiers the directory keeps.
+        """
+        if getattr(self, "_smtpSASL", None) is None:
+            from twisted.internet.threads import deferToThreadPool
+
+            from mailplat.auth.sasl import CramMD5, ScramSecret, ScramSHA256, VerifiedUserChecker
+
+            registry = self.sasl.copy()
+            registry.register(CramMD5)
+            if any(c.plugin == "directory" for c in self.config.checkers):
+                directory, reactor = self.directory, self.reactor
+
+                def lookup(username):
+                    def get():
+                        text = directory.getScramSecret(username)
+                        return ScramSecret.fromText(text) if text else None
+
+                    return deferToThreadPool(reactor, reactor.getThreadPool(), get)
+
+                registry.register(ScramSHA256.factory(lookup))
+                self.portal.registerChecker(VerifiedUserChecker())
+            self._smtpSASL = registry
+        return self._smtpSASL
 
     def imapFactory(self):
         from mailplat.imap.server import IMAPFactory

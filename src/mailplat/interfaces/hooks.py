@@ -15,6 +15,14 @@ Stages, in order: C{connect}, C{helo}, C{auth} (after the result is known),
 C{mail}, C{rcpt} (once per recipient, after routing), C{data} (end of data,
 with the message).  A hook implements only what it needs: a missing method
 is the same as answering C{CONTINUE}.
+
+Two more stages are optional methods outside L{ISMTPHook} (so hooks written
+before them still verify): C{headers(context, headers)}, at the end of data
+just before C{data}, with the header section only (C{bytes}, up to 1 MiB),
+for hooks that need no body; and C{disconnect(context)}, called once when
+the connection ends (its result is ignored), for hooks that keep
+per-connection state.  L{mailplat.hooks.PassThroughHook} is a base class
+whose stages all answer C{CONTINUE} and are skipped by the server.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ class QueueRunner(Service):
         self.retrySchedule = tuple(retrySchedule)
         self.outbound = outbound
         self._inFlight: set[str] = set()
+        # Entries finished while a scan was running: that scan may have read
+        # them before their settlement committed, so it must not start them again.
+        self._finishedDuringScan: set[str] = set()
         self._loop = None
         self._scanning = None
         self._rescan = False
@@ -99,6 +102,7 @@ class QueueRunner(Service):
 
     def _scanDone(self, _):
         self._scanning = None
+        self._finishedDuringScan.clear()
         if self._rescan and self.running:
             self._rescan = False
             self.kick()
@@ -109,6 +113,8 @@ class QueueRunner(Service):
         for entry in entries:
             if entry.queueId in self._inFlight or len(self._inFlight) >= self.concurrency:
                 continue
+            if entry.queueId in self._finishedDuringScan:
+                continue
             self._inFlight.add(entry.queueId)
             d = defer.maybeDeferred(self.process, entry)
             d.addErrback(lambda f, e=entry: _log.failure("processing {queueId} failed", f, queueId=e.queueId))
@@ -116,6 +122,8 @@ class QueueRunner(Service):
 
     def _finished(self, _, queueId):
         self._inFlight.discard(queueId)
+        if self._scanning is not None:
+            self._finishedDuringScan.add(queueId)
         if len(self._inFlight) < self.concurrency // 2:
             self._rescan = True
         self._checkIdle()

@@ -34,11 +34,36 @@ Implemented:
     C{submissions} is the same on an implicit-TLS listener, where STARTTLS
     is not offered.
 
+  - RFC 3030 CHUNKING and BINARYMIME: C{BDAT n [LAST]} reads exactly n
+    octets (also when the command is refused, so the session stays in
+    step), mixes with PIPELINING, keeps BINARYMIME content byte-exact;
+    DATA after BDAT or with C{BODY=BINARYMIME} is C{503 5.5.1}; a refused
+    chunk (size, bare line ends, long lines) ends the transaction.
+  - RFC 3461 DSN: C{RET}, C{ENVID} (MAIL), C{NOTIFY}, C{ORCPT} (RCPT) are
+    validated (xtext, lengths, values) and kept, normalised, in the
+    envelope's C{mailParams}/C{rcptParams} for the outbound transport.
+  - RFC 6531 SMTPUTF8: with the C{SMTPUTF8} MAIL parameter, addresses and
+    header fields may hold UTF-8 (protocol C{UTF8SMTP*} in Received:);
+    without it a UTF-8 address is C{553 5.6.7} and a UTF-8 header field
+    C{550 5.6.7} (configurable for legacy senders).
+  - Limits: command lines (512), text lines in content (1000, RFC 5321
+    §4.5.3.1.6: C{550 5.6.0}), recipients per message, messages per
+    connection (C{421 4.7.0}), errors per connection, AUTH failures.
+  - No open relay: the router decides, and a refused recipient whose local
+    part names another host (C{user%other@ours}, C{"user@other"@ours},
+    C{other!user@ours}) or that has two C{@} is answered C{550 5.7.1}.
+  - Hooks also get the optional C{headers} stage (end of data, header
+    section only) and C{disconnect}; pass-through stages are skipped.
+  - SASL mechanisms are offered only when the portal has a checker for
+    their credentials (CRAM-MD5 needs a plaintext-capable checker); a
+    mechanism's step may answer with a Deferred (SCRAM-SHA-256).
+
 Deviations and choices:
 
-  - SMTPUTF8 (RFC 6531), DSN (RFC 3461) and CHUNKING (RFC 3030) are not
-    offered yet: C{SMTPUTF8} and every other unknown MAIL/RCPT parameter
-    answers C{555 5.5.4}; BDAT answers C{502 5.5.1}.
+  - One trailing dot after a domain is accepted and dropped
+    (C{user@example.org.}); RFC 5321 does not allow it but it is common.
+  - Non-plaintext mechanisms (SCRAM-SHA-256) are offered before TLS: they
+    never expose the password.
   - The C{Received:} header names the client by its HELO name and address
     literal (C{from helo ([192.0.2.1])}); no reverse DNS lookup is made in
     the session.  The C{for} clause is written only for a single recipient
@@ -64,7 +89,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
+from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLAuthenticationFailed, SASLError
 from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.hooks import ACCEPT, CONTINUE, DISCONNECT, REJECT_PERM, REJECT_TEMP, Decision, SMTPContext
 from mailplat.interfaces.queue import Envelope
@@ -99,8 +124,19 @@ class SMTPFactory(ServerFactory):
     @param hooks: L{mailplat.interfaces.hooks.ISMTPHook}s, consulted in order.
     @param allowInsecureAuth: C{True}: plaintext mechanisms without TLS
         everywhere; C{False}: never; C{None}: only on loopback connections.
-    @param normaliseBareLineEndings: convert bare CR/LF in DATA to CRLF
-        instead of refusing the message.
+    @param normaliseBareLineEndings: convert bare CR/LF in DATA (and in
+        non-BINARYMIME BDAT content) to CRLF instead of refusing the message.
+    @param maxLineLength: longest command line, with its CRLF (RFC 5321: 512).
+    @param maxTextLineLength: longest text line in DATA or non-BINARYMIME
+        BDAT content, with its CRLF (RFC 5321: 1000); C{0}: no limit.
+    @param maxRecipients: recipients per message (more: C{452 4.5.3}).
+    @param maxMessagesPerConnection: messages per connection (then MAIL
+        answers C{421 4.7.0} and the connection is closed).
+    @param maxErrors: error replies before C{421} and disconnection.
+    @param maxAuthFailures: failed AUTH exchanges before C{421}.
+    @param eightBitHeaders: accept non-ASCII header fields without
+        SMTPUTF8 (legacy senders); by default they are refused with
+        C{550 5.6.7} as RFC 6532/6531 say.
     """
 
     protocol = None  # set below
@@ -127,6 +163,9 @@ class SMTPFactory(ServerFactory):
         maxErrors=20,
         maxAuthFailures=5,
         normaliseBareLineEndings=False,
+        maxTextLineLength=wire.TEXT_LINE_LENGTH,
+        maxMessagesPerConnection=1000,
+        eightBitHeaders=False,
     ):
         if role not in ROLES:
             raise ValueError(f"unknown SMTP role {role!r}; expected one of {', '.join(ROLES)}")
@@ -151,6 +190,9 @@ class SMTPFactory(ServerFactory):
         self.maxErrors = maxErrors
         self.maxAuthFailures = maxAuthFailures
         self.normaliseBareLineEndings = normaliseBareLineEndings
+        self.maxTextLineLength = maxTextLineLength
+        self.maxMessagesPerConnection = maxMessagesPerConnection
+        self.eightBitHeaders = eightBitHeaders
 
     @property
     def authEnabled(self) -> bool:
@@ -208,6 +250,12 @@ class SMTPServer(Protocol):
         self._hookChunks = None
         self._writeFailed = False
         self._messageId = ""
+        self._messages = 0
+        self._chunkRemaining = 0  # octets of the current BDAT chunk still to read
+        self._chunk = None  # the BDAT command being read: (size, last, error)
+        self._checker = None
+        self._normaliser = None
+        self._envelope = None
         self.sessionId = secrets.token_hex(6).upper()
         self._resetTransaction()
 
@@ -222,6 +270,13 @@ class SMTPServer(Protocol):
             self.factory.metrics.inc(name, **labels)
 
     def _resetTransaction(self):
+        if self._txn is not None:
+            # RSET, EHLO or an error during a BDAT transaction: the partial
+            # message is thrown away.
+            self._abortData()
+        self._bdatStarted = False
+        self._bdatSize = 0
+        self._utf8 = False
         self._sender = None
         self._mailParams = {}
         self._recipients = []
@@ -302,15 +357,27 @@ class SMTPServer(Protocol):
             return isLoopback(self.transport)
         return bool(allow)
 
+    def _verifiable(self, name) -> bool:
+        """Whether the portal has a checker for what mechanism C{name} produces."""
+        portal = self.factory.portal
+        mechanism = self.factory.sasl.mechanism(name) if hasattr(self.factory.sasl, "mechanism") else None
+        wanted = getattr(mechanism, "credentialInterfaces", None)
+        if not wanted or portal is None:
+            return True
+        known = portal.listCredentialsInterfaces()
+        return any(i in known for i in wanted)
+
     def _authMechanisms(self) -> list:
         if not self.factory.authEnabled:
             return []
-        return list(self.factory.sasl.available(secure=self._secureForAuth()))
+        return [n for n in self.factory.sasl.available(secure=self._secureForAuth()) if self._verifiable(n)]
 
     def _protocolName(self) -> str:
         if not self._esmtp:
             return "SMTP"
-        return "ESMTP" + ("S" if self._tls else "") + ("A" if self._user else "")
+        # RFC 3848; RFC 6531 §3.7.3 for messages sent with SMTPUTF8.
+        base = "UTF8SMTP" if self._utf8 else "ESMTP"
+        return base + ("S" if self._tls else "") + ("A" if self._user else "")
 
     # -- connection -------------------------------------------------------------
 
@@ -348,6 +415,7 @@ class SMTPServer(Protocol):
         self._idleCall = self._delayedCall = None
         self._abortData()
         self._dropAuth()
+        self._disconnectHooks()
         if self.factory.metrics is not None:
             self.factory.metrics.sessionClosed("smtp")
         _log.debug(
@@ -355,6 +423,27 @@ class SMTPServer(Protocol):
             session=self.sessionId,
             how="by server" if wasClosed else "by client",
         )
+
+    def _disconnectHooks(self):
+        """Tell the hooks that keep per-connection state (connection limits) that it ended."""
+        hooks = [h for h in self.factory.hooks if _wants(h, "disconnect")]
+        if not hooks or self.transport is None:
+            return
+        try:
+            context = self._context()
+        except Exception:
+            _log.failure("SMTP {session}: no context for the disconnect hooks", session=self.sessionId)
+            return
+        for hook in hooks:
+            d = defer.maybeDeferred(hook.disconnect, context)
+            d.addErrback(
+                lambda f, h=hook: _log.failure(
+                    "SMTP {session}: hook {hook} failed at disconnect",
+                    f,
+                    session=self.sessionId,
+                    hook=getattr(h, "name", repr(h)),
+                )
+            )
 
     def _dropAuth(self):
         logout, self._logout = self._logout, None
@@ -369,10 +458,16 @@ class SMTPServer(Protocol):
         if self._closed:
             return
         self._touch()
-        if self._dataMode and not self._busy and not len(self._reader) and not self._inLoop:
-            # The common case while a body streams in: straight to the decoder.
-            self._feedData(data)
-        else:
+        if not self._busy and not self._inLoop and not len(self._reader):
+            # The common cases while a body streams in: straight to the decoder.
+            if self._dataMode:
+                self._feedData(data)
+                data = b""
+            elif self._chunkRemaining:
+                n = self._chunkRemaining
+                self._feedChunk(data[:n])
+                data = data[n:]
+        if data:
             self._reader.feed(data)
         self._pump()
 
@@ -392,6 +487,13 @@ class SMTPServer(Protocol):
         self._inLoop = True
         try:
             while not self._closed and not self._busy:
+                if self._chunkRemaining:
+                    # A BDAT chunk: exactly that many octets, whatever they are.
+                    pending = self._reader.take(self._chunkRemaining)
+                    if not pending:
+                        break
+                    self._feedChunk(pending)
+                    continue
                 if self._dataMode:
                     # DATA was accepted: what follows in the buffer is body.
                     pending = self._reader.takeBuffer()
@@ -444,7 +546,7 @@ class SMTPServer(Protocol):
             return None
         handler = getattr(self, "do_" + command.verb, None)
         if handler is None:
-            if command.verb in ("BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "XCLIENT"):
+            if command.verb in ("TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "XCLIENT"):
                 self.reply(502, "5.5.1", "Command not implemented")
             else:
                 self.reply(500, "5.5.1", "Command unrecognized")
@@ -469,7 +571,7 @@ class SMTPServer(Protocol):
         context = self._context()
         for hook in hooks:
             method = getattr(hook, stage, None)
-            if method is None:
+            if method is None or getattr(method, "passThrough", False):
                 continue
             try:
                 decision = yield defer.maybeDeferred(method, context, *args)
@@ -527,7 +629,7 @@ class SMTPServer(Protocol):
             lines = [greeting, "PIPELINING"]
             if self.factory.maxMessageSize:
                 lines.append(f"SIZE {self.factory.maxMessageSize}")
-            lines += ["8BITMIME", "ENHANCEDSTATUSCODES"]
+            lines += ["8BITMIME", "BINARYMIME", "CHUNKING", "DSN", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
             if self.factory.tlsContextFactory is not None and not self._tls:
                 lines.append("STARTTLS")
             mechanisms = self._authMechanisms()
@@ -570,7 +672,7 @@ class SMTPServer(Protocol):
             214,
             "2.0.0",
             [
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH",
                 "See RFC 5321",
             ],
         )
@@ -626,7 +728,7 @@ class SMTPServer(Protocol):
             self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
             return None
         name = parts[0].upper()
-        if name not in [n.upper() for n in self.factory.sasl.names()]:
+        if name not in [n.upper() for n in self.factory.sasl.names()] or not self._verifiable(name):
             self.reply(504, "5.5.4", "Unrecognized authentication type")
             return None
         if name not in [n.upper() for n in self._authMechanisms()]:
@@ -665,12 +767,32 @@ class SMTPServer(Protocol):
         self._reader.maxLength = self.factory.maxLineLength
 
     def _authStep(self, response):
+        mechanism = self._sasl
         try:
-            result = self._sasl.step(response)
-        except SASLError as e:
-            _log.info("SMTP {session}: malformed SASL response: {why}", session=self.sessionId, why=str(e))
-            self._endSASL()
+            result = mechanism.step(response)
+        except Exception:
+            return self._authStepFailed(Failure(), mechanism)
+        if isinstance(result, defer.Deferred):
+            # A mechanism that looks up stored secrets (SCRAM) answers later.
+            return result.addCallbacks(self._authStepResult, self._authStepFailed, errbackArgs=(mechanism,))
+        return self._authStepResult(result)
+
+    def _authStepFailed(self, failure, mechanism):
+        self._endSASL()
+        if failure.check(SASLAuthenticationFailed):
+            return self._authFailed(Failure(UnauthorizedLogin(str(failure.value))), failure.value.username)
+        if failure.check(SASLError):
+            _log.info(
+                "SMTP {session}: malformed SASL response: {why}", session=self.sessionId, why=str(failure.value)
+            )
             self.reply(501, "5.5.2", "Malformed authentication response")
+            return None
+        _log.failure("SMTP {session}: SASL mechanism failed", failure, session=self.sessionId)
+        self.reply(454, "4.7.0", "Temporary authentication failure")
+        return None
+
+    def _authStepResult(self, result):
+        if self._closed:
             return None
         if isinstance(result, Challenge):
             # RFC 4954 §4: responses may be as long as an AUTH line.
@@ -769,6 +891,16 @@ class SMTPServer(Protocol):
         if self._sender is not None:
             self.reply(503, "5.5.1", "Nested MAIL command")
             return None
+        if f.maxMessagesPerConnection and self._messages >= f.maxMessagesPerConnection:
+            _log.info(
+                "SMTP {session}: {client} reached {n} messages in one connection",
+                session=self.sessionId,
+                client=self._clientAddress(),
+                n=self._messages,
+            )
+            self.reply(421, "4.7.0", f"{f.hostname} Too many messages in this connection, reconnect")
+            self._close()
+            return None
         path = wire.parseMail(args)
         params = dict(path.params)
         if params and not self._esmtp:
@@ -780,17 +912,28 @@ class SMTPServer(Protocol):
                 if f.maxMessageSize and int(value) > f.maxMessageSize:
                     raise SMTPError(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
                     raise SMTPError(555, "5.5.4", "Unsupported BODY type")
                 params[key] = value.upper()
             elif key == "AUTH":
-                # RFC 4954 §5: only trusted from an authenticated client.
-                if not self._user:
-                    del params[key]
+                # RFC 4954 §5: AUTH=<> or AUTH=xtext mailbox.  Only an
+                # authenticated client is trusted with it, and only for its
+                # own identity; otherwise the message is treated as AUTH=<>.
+                if value is None or (value != "<>" and not wire.isXtext(value)):
+                    raise SMTPError(501, "5.5.4", "Syntax: AUTH=xtext or AUTH=<>")
+                if value != "<>":
+                    claimed = wire.decodeXtext(value)
+                    if not self._user or claimed.lower() != self._user.lower():
+                        value = "<>"
+                params[key] = value
             elif key == "SMTPUTF8":
-                raise SMTPError(555, "5.5.4", "SMTPUTF8 is not supported")
+                if value is not None:
+                    raise SMTPError(501, "5.5.4", "SMTPUTF8 takes no value")
+            elif key in ("RET", "ENVID"):
+                pass
             else:
                 raise SMTPError(555, "5.5.4", f"Unsupported parameter {key}")
+        wire.checkDSNMailParams(params)
         d = self._runHooks("mail", path.address, dict(params))
 
         def decided(decision):
@@ -798,6 +941,7 @@ class SMTPServer(Protocol):
                 return
             self._sender = path.address
             self._mailParams = params
+            self._utf8 = "SMTPUTF8" in params
             self.reply(250, "2.1.0", "Ok")
 
         return d.addCallback(decided)
@@ -807,9 +951,14 @@ class SMTPServer(Protocol):
         if self._sender is None:
             self.reply(503, "5.5.1", "Need MAIL command")
             return None
-        path = wire.parseRcpt(args)
-        if path.params:
-            raise SMTPError(555, "5.5.4", f"Unsupported parameter {next(iter(path.params))}")
+        if self._bdatStarted:
+            self.reply(503, "5.5.1", "RCPT not allowed after BDAT")
+            return None
+        path = wire.parseRcpt(args, utf8=self._utf8)
+        for key in path.params:
+            if key not in ("NOTIFY", "ORCPT"):
+                raise SMTPError(555, "5.5.4", f"Unsupported parameter {key}")
+        rcptParams = wire.checkDSNRcptParams(dict(path.params), self._utf8)
         if len(self._recipients) >= f.maxRecipients:
             self._inc("mailplat_messages_rejected_total")
             self.reply(452, "4.5.3", "Too many recipients")
@@ -825,7 +974,7 @@ class SMTPServer(Protocol):
         def routed(route):
             if not route.accepted:
                 return route, Decision.proceed()
-            return self._runHooks("rcpt", path.address, dict(path.params), route).addCallback(
+            return self._runHooks("rcpt", path.address, dict(rcptParams), route).addCallback(
                 lambda decision: (route, decision)
             )
 
@@ -845,29 +994,36 @@ class SMTPServer(Protocol):
                 return
             if not route.accepted:
                 self._inc("mailplat_messages_rejected_total")
+                if route.code >= 500 and _looksLikeRelayTrick(path.address):
+                    # user%other@ours, "user@other"@ours, user!other@ours:
+                    # an attempt to relay through a local part, whatever the
+                    # router thought of the local part itself.
+                    _log.info(
+                        "SMTP {session}: relay attempt to {address} from {client} refused",
+                        session=self.sessionId,
+                        address=path.address,
+                        client=self._clientAddress(),
+                    )
+                    self.reply(550, "5.7.1", "Relay access denied")
+                    return
                 self.reply(route.code, route.enhanced, route.text)
                 return
             self._recipients.append(path.address)
-            self._rcptParams.append(dict(path.params))
+            self._rcptParams.append(rcptParams)
             self._routes.append(route)
             self.reply(route.code, route.enhanced, route.text)
 
         d.addCallbacks(routed, routingFailed)
         return d.addCallback(decided)
 
-    # -- DATA -----------------------------------------------------------------------------
+    # -- DATA and BDAT --------------------------------------------------------------------
 
-    def do_DATA(self, args):
+    def _startMessage(self):
+        """
+        Begin the queue transaction for the current envelope.  Returns
+        C{None} when it started, or the error L{Reply} to send.
+        """
         f = self.factory
-        if args:
-            self.reply(501, "5.5.4", "Syntax: DATA")
-            return None
-        if self._sender is None:
-            self.reply(503, "5.5.1", "Need MAIL command")
-            return None
-        if not self._recipients:
-            self.reply(554, "5.5.1", "No valid recipients")
-            return None
         envelope = Envelope(
             sender=self._sender,
             recipients=tuple(self._recipients),
@@ -886,12 +1042,53 @@ class SMTPServer(Protocol):
         except Exception:
             _log.failure("SMTP {session}: could not start a queue transaction", session=self.sessionId)
             self._abortData()
-            self.reply(451, "4.3.0", "Temporary storage failure, try again later")
-            return None
+            return Reply(451, "4.3.0", "Temporary storage failure, try again later")
         self._envelope = envelope
         self._writeFailed = False
-        self._decoder = wire.DataDecoder(f.maxMessageSize or None, f.normaliseBareLineEndings)
-        self._hookChunks = [] if any(getattr(h, "data", None) for h in f.hooks) else None
+        self._size = 0
+        binary = self._mailParams.get("BODY") == "BINARYMIME"
+        wantHeaders = any(_wants(h, "headers") for h in f.hooks)
+        self._checker = wire.ContentChecker(
+            maxLineLength=0 if binary else f.maxTextLineLength,
+            eightBitHeaders=f.eightBitHeaders or self._utf8,
+            keepHeaders=wantHeaders,
+        )
+        self._hookChunks = [] if any(_wants(h, "data") for h in f.hooks) else None
+        return None
+
+    def _writeContent(self, chunk):
+        if self._hookChunks is not None:
+            self._hookChunks.append(chunk)
+        if self._txn is not None and not self._writeFailed:
+            try:
+                self._txn.write(chunk)
+            except Exception:
+                _log.failure("SMTP {session}: queue write failed", session=self.sessionId)
+                self._writeFailed = True
+
+    def do_DATA(self, args):
+        f = self.factory
+        if args:
+            self.reply(501, "5.5.4", "Syntax: DATA")
+            return None
+        if self._sender is None:
+            self.reply(503, "5.5.1", "Need MAIL command")
+            return None
+        if self._bdatStarted:
+            self.reply(503, "5.5.1", "DATA not allowed after BDAT in one transaction")
+            return None
+        if self._mailParams.get("BODY") == "BINARYMIME":
+            # RFC 3030 §3: BINARYMIME content can only be sent with BDAT.
+            self.reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
+            return None
+        if not self._recipients:
+            self.reply(554, "5.5.1", "No valid recipients")
+            return None
+        error = self._startMessage()
+        if error is not None:
+            self.reply(error)
+            return None
+        self._decoder = wire.DataDecoder(f.maxMessageSize or None, f.normaliseBareLineEndings, self._checker)
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
         # From here on the input is body (the command loop hands over what
         # was pipelined after DATA).
@@ -913,19 +1110,14 @@ class SMTPServer(Protocol):
         else:
             parts[-1] += ";"
             parts.append(f"\t{date}")
-        return ("\r\n".join(parts) + "\r\n").encode("ascii", "replace")
+        text = "\r\n".join(parts) + "\r\n"
+        # A UTF-8 recipient may appear only in an SMTPUTF8 message (RFC 6532).
+        return text.encode("utf-8") if self._utf8 else text.encode("ascii", "replace")
 
     def _feedData(self, data):
         decoder = self._decoder
         for chunk in decoder.feed(data):
-            if self._hookChunks is not None:
-                self._hookChunks.append(chunk)
-            if self._txn is not None and not self._writeFailed:
-                try:
-                    self._txn.write(chunk)
-                except Exception:
-                    _log.failure("SMTP {session}: queue write failed", session=self.sessionId)
-                    self._writeFailed = True
+            self._writeContent(chunk)
         if decoder.error is not None and self._txn is not None:
             # Refused anyway: free the spool now, keep reading to the end.
             self._txn.abort()
@@ -933,16 +1125,108 @@ class SMTPServer(Protocol):
             self._hookChunks = None
         if decoder.done:
             self._dataMode = False
+            self._size = decoder.size
             leftover = decoder.leftover
             self._busy = True
             if leftover:
                 self._reader.feed(leftover)
-            d = defer.maybeDeferred(self._endOfData)
+            d = defer.maybeDeferred(self._endOfMessage, decoder.error)
             d.addErrback(self._internalError)
             d.addBoth(self._dataFinished)
 
+    def do_BDAT(self, args):
+        """
+        RFC 3030: C{BDAT size [LAST]} and exactly C{size} octets of content.
+        The octets are always read, even when the command is refused, so the
+        session stays in step with the client; the reply comes after them.
+        """
+        f = self.factory
+        size, last = wire.parseBDAT(args)
+        error = None
+        if self._sender is None:
+            error = Reply(503, "5.5.1", "Need MAIL command")
+        elif not self._recipients:
+            error = Reply(554, "5.5.1", "No valid recipients")
+        elif f.maxMessageSize and self._bdatSize + size > f.maxMessageSize:
+            error = wire.MESSAGE_TOO_BIG
+        elif not self._bdatStarted:
+            error = self._startMessage()
+            if error is None:
+                self._bdatStarted = True
+                binary = self._mailParams.get("BODY") == "BINARYMIME"
+                if binary:
+                    self._normaliser = None
+                elif f.normaliseBareLineEndings:
+                    self._normaliser = wire.LineEndingNormaliser()
+                else:
+                    self._normaliser = None
+                    self._checker.checkBare = True
+        if error is not None and self._txn is not None:
+            # RFC 3030 §2: a refused chunk ends the transaction.
+            self._abortData()
+        self._bdatSize += size
+        self._chunk = (size, last, error)
+        self._chunkRemaining = size
+        if size == 0:
+            return self._chunkComplete()
+        return None
+
+    def _feedChunk(self, data):
+        self._chunkRemaining -= len(data)
+        size, last, error = self._chunk
+        if error is None and self._txn is not None:
+            if self._normaliser is not None:
+                data = self._normaliser.feed(data)
+            checker = self._checker
+            checker.feed(data)
+            self._size += len(data)
+            if checker.error is None:
+                self._writeContent(data)
+        if self._chunkRemaining == 0:
+            self._busy = True
+            d = defer.maybeDeferred(self._chunkComplete)
+            d.addErrback(self._internalError)
+            d.addBoth(self._finished)
+
+    def _chunkComplete(self):
+        size, last, error = self._chunk
+        self._chunk = None
+        if error is not None:
+            self._inc("mailplat_messages_rejected_total")
+            self.reply(error)
+            if self._sender is not None:
+                self._resetTransaction()
+            return None
+        if last:
+            if self._normaliser is not None:
+                tail = self._normaliser.finish()
+                self._checker.feed(tail)
+                if self._checker.error is None:
+                    self._writeContent(tail)
+                self._normaliser = None
+            self._checker.finish()
+            d = defer.maybeDeferred(self._endOfMessage, self._checker.error)
+            d.addBoth(self._bdatFinished)
+            return d
+        if self._checker.error is not None:
+            # Refused: the rest of the transaction is refused with it.
+            self._inc("mailplat_messages_rejected_total")
+            self.reply(self._checker.error)
+            self._resetTransaction()
+            return None
+        self.reply(250, "2.0.0", f"{size} octets received")
+        return None
+
+    def _bdatFinished(self, result):
+        self._checker = None
+        self._txn = None
+        self._hookChunks = None
+        self._resetTransaction()
+        return result
+
     def _dataFinished(self, result):
         self._decoder = None
+        self._checker = None
         self._txn = None
         self._hookChunks = None
         self._resetTransaction()
@@ -952,6 +1236,7 @@ class SMTPServer(Protocol):
         txn, self._txn = self._txn, None
         self._decoder = None
         self._hookChunks = None
+        self._normaliser = None
         self._dataMode = False
         if txn is not None:
             try:
@@ -959,28 +1244,36 @@ class SMTPServer(Protocol):
             except Exception:
                 _log.failure("SMTP {session}: queue abort failed", session=self.sessionId)
 
-    def _endOfData(self):
-        decoder = self._decoder
-        if decoder.error is not None:
+    def _endOfMessage(self, error):
+        """The whole message arrived (DATA or BDAT LAST): refuse it, or run the hooks and commit."""
+        if error is not None:
             self._abortData()
             self._inc("mailplat_messages_rejected_total")
             _log.info(
                 "SMTP {session}: message refused: {reason}",
                 session=self.sessionId,
-                reason=decoder.error.text,
+                reason=error.text,
             )
-            self.reply(decoder.error)
+            self.reply(error)
             return None
         if self._writeFailed:
             self._abortData()
             self.reply(451, "4.3.0", "Temporary storage failure, try again later")
             return None
-        if self._hookChunks is not None:
-            message = b"".join(self._hookChunks)
-            self._hookChunks = None
-            d = self._runHooks("data", message)
+        checker = self._checker
+        if checker is not None and checker.keepHeaders:
+            d = self._runHooks("headers", checker.headers)
         else:
             d = defer.succeed(Decision.proceed())
+
+        def dataHooks(decision):
+            if decision.action not in (CONTINUE, ACCEPT) or self._hookChunks is None:
+                return decision
+            message = b"".join(self._hookChunks)
+            self._hookChunks = None
+            return self._runHooks("data", message)
+
+        d.addCallback(dataHooks)
         d.addCallback(self._commitIfAccepted)
         return d
 
@@ -993,30 +1286,59 @@ class SMTPServer(Protocol):
             self._inc("mailplat_messages_rejected_total")
             self._applyDecision(decision)
             return None
-        txn = self._txn
+        # The transaction now belongs to the queue: a connection lost while
+        # it commits must not abort it (the client may get a duplicate, but
+        # nothing is lost).
+        txn, self._txn = self._txn, None
         envelope = self._envelope
+        size = self._size
+        via = "BDAT" if self._bdatStarted else "DATA"
+        self._messages += 1
         d = defer.maybeDeferred(txn.commit)
 
         def committed(queueId):
-            self._txn = None
             self._inc("mailplat_messages_received_total")
             _log.info(
-                "SMTP {session}: queued {queueId} from <{sender}> for {count} recipient(s), {size} bytes, {protocol}",
+                "SMTP {session}: queued {queueId} from <{sender}> for {count} recipient(s), {size} bytes, "
+                "{protocol} {via}{dsn}",
                 session=self.sessionId,
                 queueId=queueId,
                 sender=envelope.sender,
                 count=len(envelope.recipients),
-                size=self._decoder.size if self._decoder is not None else 0,
+                size=size,
                 protocol=envelope.protocol,
+                via=via,
+                dsn=_dsnSummary(envelope),
             )
             self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
         def failed(failure):
             _log.failure("SMTP {session}: queue commit failed", failure, session=self.sessionId)
-            self._abortData()
             self.reply(451, "4.3.0", "Temporary storage failure, try again later")
 
         return d.addCallbacks(committed, failed)
+
+
+def _wants(hook, stage) -> bool:
+    """Whether C{hook} has a real method for C{stage} (not a pass-through one)."""
+    method = getattr(hook, stage, None)
+    return method is not None and not getattr(method, "passThrough", False)
+
+
+def _looksLikeRelayTrick(address: str) -> bool:
+    """A local part that names another host: C{user%other}, C{user!other}, C{"user@other"}."""
+    local = address.rpartition("@")[0]
+    return any(c in local for c in "%!@")
+
+
+def _dsnSummary(envelope) -> str:
+    """The DSN parameters of an envelope for the log line (empty when there are none)."""
+    parts = [f"{k}={envelope.mailParams[k]}" for k in ("RET", "ENVID", "BODY") if k in envelope.mailParams]
+    for rcpt, params in zip(envelope.recipients, envelope.rcptParams):
+        for k in ("NOTIFY", "ORCPT"):
+            if k in params:
+                parts.append(f"{k}={params[k]}")
+    return (", " + " ".join(parts)) if parts else ""
 
 
 def _checkedDecision(decision: Decision) -> Decision:

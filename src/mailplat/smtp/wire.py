@@ -56,13 +56,21 @@ from dataclasses import dataclass, field
 __all__ = [
     "AUTH_LINE_LENGTH",
     "COMMAND_LINE_LENGTH",
+    "TEXT_LINE_LENGTH",
     "Command",
+    "ContentChecker",
     "DataDecoder",
     "LineReader",
     "Path",
     "Reply",
     "SMTPError",
+    "checkDSNMailParams",
+    "checkDSNRcptParams",
     "decodeBase64",
+    "decodeXtext",
+    "encodeXtext",
+    "isXtext",
+    "parseBDAT",
     "parseCommand",
     "parseMail",
     "parseMailbox",
@@ -71,6 +79,7 @@ __all__ = [
 ]
 
 COMMAND_LINE_LENGTH = 512
+TEXT_LINE_LENGTH = 1000
 AUTH_LINE_LENGTH = 12288
 MAX_PARAMETERS = 16
 
@@ -182,6 +191,12 @@ class LineReader:
         self._skipping = False
         return n
 
+    def take(self, n: int) -> bytes:
+        """Up to C{n} buffered bytes, removed from the reader (for a BDAT chunk)."""
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
     def takeBuffer(self) -> bytes:
         """Everything buffered, removed from the reader (for a DATA body)."""
         data = bytes(self._buf)
@@ -264,12 +279,28 @@ _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?:[\x21-\
 
 
 def _isASCII(s: str) -> bool:
-    return all(ord(c) < 128 for c in s)
+    return s.isascii()
 
 
 def isDomain(text: str) -> bool:
     """RFC 5321 C{Domain} (LDH labels), at most 255 octets."""
     return len(text) <= MAX_DOMAIN and bool(_DOMAIN.match(text))
+
+
+def isUTF8Domain(text: str) -> bool:
+    """
+    RFC 6531 §3.3 C{Domain}: LDH labels or U-labels (checked by converting
+    them to A-labels), at most 255 octets as A-labels.
+    """
+    if text.isascii():
+        return isDomain(text)
+    if "\ufffd" in text:
+        return False
+    try:
+        ascii = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return isDomain(ascii)
 
 
 def isAddressLiteral(text: str) -> bool:
@@ -292,15 +323,33 @@ def isAddressLiteral(text: str) -> bool:
         return False
 
 
-def parseMailbox(text: str) -> str:
+# RFC 6531 §3.3: atext and qtextSMTP are extended with UTF8-non-ascii.
+_U_ATEXT = _ATEXT + "\u0080-\U0010ffff"
+_U_DOT_STRING = re.compile(rf"[{_U_ATEXT}]+(?:\.[{_U_ATEXT}]+)*\Z")
+_U_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+
+
+class RelayTrick(ValueError):
+    """An address with more than one unquoted C{@}: the classic relay test C{user@other@ours}."""
+
+
+def parseMailbox(text: str, utf8: bool = False) -> str:
     """
     Check an RFC 5321 C{Mailbox} (C{Local-part "@" (Domain / address-literal)})
     and return it.  A quoted local part that is also a valid dot-string is
     returned unquoted (RFC 5321 §4.1.2 treats the two as the same mailbox).
-    Raises C{ValueError} with a reason.
+    One trailing dot after the domain is dropped (C{user@example.org.}).
+
+    With C{utf8} (the transaction asked for SMTPUTF8, RFC 6531) the local
+    part and the domain may hold UTF-8; without it a non-ASCII address
+    raises C{UnicodeError}.  Raises C{ValueError} with a reason otherwise.
     """
-    if not _isASCII(text):
+    if not utf8 and not text.isascii():
         raise UnicodeError("non-ASCII address")
+    if "\ufffd" in text:
+        raise ValueError("invalid UTF-8 in the address")
+    dotString = _U_DOT_STRING if utf8 else _DOT_STRING
+    quotedString = _U_QUOTED_STRING if utf8 else _QUOTED_STRING
     if text.startswith('"'):
         # The quoted string may itself contain "@".
         end = _quotedEnd(text, 0)
@@ -310,20 +359,24 @@ def parseMailbox(text: str) -> str:
         if not rest.startswith("@"):
             raise ValueError("missing @ after the local part")
         domain = rest[1:]
-        if not _QUOTED_STRING.match(local):
+        if not quotedString.match(local):
             raise ValueError("bad quoted local part")
         inner = re.sub(r"\\(.)", r"\1", local[1:-1])
-        if _DOT_STRING.match(inner):
+        if dotString.match(inner):
             local = inner
     else:
         local, at, domain = text.rpartition("@")
         if not at:
             raise ValueError("missing @")
-        if not _DOT_STRING.match(local):
+        if "@" in local:
+            raise RelayTrick("more than one @ in the address")
+        if not dotString.match(local):
             raise ValueError("bad local part")
-    if len(local) > MAX_LOCAL_PART:
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise ValueError("local part too long")
-    if not (isDomain(domain) or isAddressLiteral(domain)):
+    if domain.endswith(".") and not domain.endswith("..") and not domain.startswith("["):
+        domain = domain[:-1]
+    if not ((isUTF8Domain(domain) if utf8 else isDomain(domain)) or isAddressLiteral(domain)):
         raise ValueError("bad domain")
     return f"{local}@{domain}"
 
@@ -367,18 +420,25 @@ class Path:
     params: dict = field(default_factory=dict)
 
 
-def parseParameters(text: str) -> dict:
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+# RFC 6531 §3.3: with SMTPUTF8 a parameter value may hold UTF-8 (e.g. ORCPT=utf-8;...).
+_U_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
+
+
+def parseParameters(text: str, utf8: bool = False) -> dict:
     """
     RFC 5321 C{Mail-parameters}: C{KEYWORD[=VALUE]} separated by spaces.
     Returns a dict with upper-cased keywords (values are C{str}, or C{None}
     for a keyword without a value).  Raises L{SMTPError} C{501 5.5.4}.
     """
     params = {}
+    valueRe = _U_PARAM_VALUE if utf8 else _PARAM_VALUE
     for word in text.split():
         key, eq, value = word.partition("=")
-        if not re.match(r"[A-Za-z0-9][A-Za-z0-9-]*\Z", key):
+        if not _PARAM_KEY.match(key):
             raise SMTPError(501, "5.5.4", "Invalid parameter syntax")
-        if eq and not re.match(r"[\x21-\x3c\x3e-\x7e]+\Z", value):
+        if eq and (not valueRe.match(value) or "\ufffd" in value):
             raise SMTPError(501, "5.5.4", f"Invalid value for parameter {key.upper()}")
         key = key.upper()
         if key in params:
@@ -389,7 +449,7 @@ def parseParameters(text: str) -> dict:
     return params
 
 
-def _parsePath(args: str, keyword: str, enhanced: str, what: str, nullAllowed: bool) -> Path:
+def _splitPath(args: str, keyword: str, enhanced: str, what: str):
     usage = f"Syntax: {'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>"
     if args[: len(keyword) + 1].upper() != keyword + ":":
         raise SMTPError(501, "5.5.4", usage)
@@ -402,9 +462,12 @@ def _parsePath(args: str, keyword: str, enhanced: str, what: str, nullAllowed: b
     path, tail = rest[1:end], rest[end + 1 :]
     if tail and not tail.startswith(" "):
         raise SMTPError(501, enhanced, f"Bad {what} address syntax")
-    if len(path) + 2 > MAX_PATH:
+    if len(path.encode("utf-8")) + 2 > MAX_PATH:
         raise SMTPError(501, enhanced, f"Bad {what} address syntax: path too long")
-    params = parseParameters(tail)
+    return path, tail
+
+
+def _checkPath(path: str, params: dict, enhanced: str, what: str, nullAllowed: bool, utf8: bool) -> Path:
     if path == "":
         if not nullAllowed:
             raise SMTPError(501, enhanced, f"Bad {what} address syntax")
@@ -414,13 +477,18 @@ def _parsePath(args: str, keyword: str, enhanced: str, what: str, nullAllowed: b
     if path.startswith("@"):
         # A-d-l ":" Mailbox — the source route is checked, then dropped.
         route, colon, mailbox = path.partition(":")
-        if not colon or not all(d.startswith("@") and isDomain(d[1:]) for d in route.split(",")):
+        check = isUTF8Domain if utf8 else isDomain
+        if not colon or not all(d.startswith("@") and check(d[1:]) for d in route.split(",")):
             raise SMTPError(501, enhanced, f"Bad {what} address syntax")
         path = mailbox
     try:
-        address = parseMailbox(path)
+        address = parseMailbox(path, utf8)
     except UnicodeError:
-        raise SMTPError(553, "5.6.7", f"Non-ASCII {what} address needs SMTPUTF8, which is not supported")
+        raise SMTPError(553, "5.6.7", f"Non-ASCII {what} address needs the SMTPUTF8 parameter on MAIL FROM")
+    except RelayTrick:
+        if not nullAllowed:
+            raise SMTPError(550, "5.7.1", "Relay access denied")
+        raise SMTPError(501, enhanced, f"Bad {what} address syntax")
     except ValueError:
         raise SMTPError(501, enhanced, f"Bad {what} address syntax")
     return Path(address, params)
@@ -430,16 +498,134 @@ def parseMail(args: str) -> Path:
     """
     The arguments of MAIL: C{FROM:<reverse-path> [params]}.  Raises
     L{SMTPError}: C{501 5.1.7} for a bad address, C{501 5.5.4} otherwise.
+    The address may hold UTF-8 only when the parameters include C{SMTPUTF8}
+    (RFC 6531 §3.4); otherwise a non-ASCII address is C{553 5.6.7}.
     """
-    return _parsePath(args, "FROM", "5.1.7", "sender", nullAllowed=True)
+    path, tail = _splitPath(args, "FROM", "5.1.7", "sender")
+    # The SMTPUTF8 keyword itself is ASCII: look for it before parsing the
+    # values, which may hold UTF-8 only when it is there.
+    utf8 = any(w.upper() == "SMTPUTF8" for w in tail.split())
+    params = parseParameters(tail, utf8)
+    return _checkPath(path, params, "5.1.7", "sender", True, utf8)
 
 
-def parseRcpt(args: str) -> Path:
+def parseRcpt(args: str, utf8: bool = False) -> Path:
     """
     The arguments of RCPT: C{TO:<forward-path> [params]}.  Raises
-    L{SMTPError}: C{501 5.1.3} for a bad address, C{501 5.5.4} otherwise.
+    L{SMTPError}: C{501 5.1.3} for a bad address, C{501 5.5.4} otherwise,
+    C{550 5.7.1} for C{user@other@ours}.  C{utf8}: the transaction's MAIL
+    had C{SMTPUTF8}.
     """
-    return _parsePath(args, "TO", "5.1.3", "recipient", nullAllowed=False)
+    path, tail = _splitPath(args, "TO", "5.1.3", "recipient")
+    params = parseParameters(tail, utf8)
+    return _checkPath(path, params, "5.1.3", "recipient", False, utf8)
+
+
+# -- parameter values: xtext and DSN (RFC 3461) ------------------------------------
+
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+# RFC 6533 §3.3: utf-8-addr-xtext also allows UTF-8 and \\x{HEX} escapes.
+_UTF8_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\x\{[0-9A-F]{1,6}\})*\Z")
+
+MAX_ENVID = 100
+MAX_ORCPT = 500
+
+
+def isXtext(text: str) -> bool:
+    """RFC 3461 §4 C{xtext}: printable ASCII but C{+} and C{=}, and C{+XX} (upper-case hex)."""
+    return bool(_XTEXT.match(text))
+
+
+def decodeXtext(text: str) -> str:
+    """Decode RFC 3461 C{xtext}; raises C{ValueError} when it is not xtext."""
+    if not isXtext(text):
+        raise ValueError("not xtext")
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def encodeXtext(text: str) -> str:
+    """Encode a string of ASCII characters as RFC 3461 C{xtext}."""
+    return "".join(c if ("!" <= c <= "~" and c not in "+=") else f"+{ord(c):02X}" for c in text)
+
+
+def _dsnSyntax(key: str, text: str):
+    return SMTPError(501, "5.5.4", f"Invalid {key} parameter: {text}")
+
+
+def checkDSNMailParams(params: dict) -> dict:
+    """
+    Validate and normalise the RFC 3461 MAIL parameters in C{params} (in
+    place, and returned): C{RET=FULL|HDRS} (upper-cased) and C{ENVID=xtext}
+    (kept as xtext, at most 100 characters decoded).  Raises L{SMTPError}
+    C{501 5.5.4}.
+    """
+    if "RET" in params:
+        value = (params["RET"] or "").upper()
+        if value not in ("FULL", "HDRS"):
+            raise _dsnSyntax("RET", "expected FULL or HDRS")
+        params["RET"] = value
+    if "ENVID" in params:
+        value = params["ENVID"]
+        if not value or not isXtext(value):
+            raise _dsnSyntax("ENVID", "not xtext")
+        if len(decodeXtext(value)) > MAX_ENVID:
+            raise _dsnSyntax("ENVID", "longer than 100 characters")
+    return params
+
+
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+
+
+def checkDSNRcptParams(params: dict, utf8: bool = False) -> dict:
+    """
+    Validate and normalise the RFC 3461 RCPT parameters in C{params} (in
+    place, and returned): C{NOTIFY=NEVER} or a comma list of SUCCESS,
+    FAILURE and DELAY (upper-cased, each once), and C{ORCPT=addr-type;xtext}
+    (kept as given, the address type checked; C{utf-8} addresses as RFC
+    6533 C{utf-8-addr-xtext} only with SMTPUTF8).  Raises L{SMTPError}
+    C{501 5.5.4}.
+    """
+    if "NOTIFY" in params:
+        words = (params["NOTIFY"] or "").upper().split(",")
+        if words == ["NEVER"]:
+            params["NOTIFY"] = "NEVER"
+        elif not all(w in _NOTIFY for w in words) or len(set(words)) != len(words):
+            raise _dsnSyntax("NOTIFY", "expected NEVER or a list of SUCCESS, FAILURE, DELAY")
+        else:
+            params["NOTIFY"] = ",".join(words)
+    if "ORCPT" in params:
+        value = params["ORCPT"] or ""
+        addrType, semi, addr = value.partition(";")
+        if not semi or not _ADDR_TYPE.match(addrType) or not addr:
+            raise _dsnSyntax("ORCPT", "expected addr-type;xtext")
+        if addrType.lower() == "utf-8" and utf8:
+            if not _UTF8_XTEXT.match(addr):
+                raise _dsnSyntax("ORCPT", "not utf-8-addr-xtext")
+            length = len(addr)
+        else:
+            if not isXtext(addr):
+                raise _dsnSyntax("ORCPT", "not xtext")
+            length = len(decodeXtext(addr))
+        if length + len(addrType) + 1 > MAX_ORCPT:
+            raise _dsnSyntax("ORCPT", "longer than 500 characters")
+    return params
+
+
+# -- BDAT (RFC 3030) ------------------------------------------------------------------
+
+_BDAT = re.compile(r"([0-9]{1,20})(?: +(LAST))? *\Z", re.IGNORECASE)
+
+
+def parseBDAT(args: str):
+    """
+    The arguments of BDAT: C{chunk-size [LAST]}.  Returns C{(size, last)};
+    raises L{SMTPError} C{501 5.5.4}.
+    """
+    m = _BDAT.match(args)
+    if m is None:
+        raise SMTPError(501, "5.5.4", "Syntax: BDAT size [LAST]")
+    return int(m.group(1)), m.group(2) is not None
 
 
 def decodeBase64(text) -> bytes:
@@ -453,12 +639,125 @@ def decodeBase64(text) -> bytes:
         raise ValueError("invalid base64")
 
 
-# -- DATA ----------------------------------------------------------------------
+# -- DATA and BDAT content --------------------------------------------------------
 
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains bare CR or LF: lines must end with CRLF")
+TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "Message contains a line longer than the limit (RFC 5321 4.5.3.1.6)")
+EIGHT_BIT_HEADERS = Reply(
+    550, "5.6.7", "Message has non-ASCII header fields: send it with the SMTPUTF8 parameter (RFC 6531)"
+)
 
 _END = b".\r\n"
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+class ContentChecker:
+    """
+    Streaming checks of message content (after un-dot-stuffing), fed chunk
+    by chunk in order:
+
+      - C{maxLineLength}: a text line longer than this many octets with its
+        CRLF (RFC 5321 §4.5.3.1.6: 1000) makes L{error} L{TEXT_LINE_TOO_LONG};
+        C{0} or C{None} for no limit (BINARYMIME content has no lines).
+      - C{checkBare}: a bare CR or LF makes L{error} L{BARE_LINE_ENDING}
+        (BDAT content; DATA checks this while it decodes).
+      - C{eightBitHeaders=False}: a non-ASCII octet in the header section
+        makes L{error} L{EIGHT_BIT_HEADERS} (RFC 6532 headers need SMTPUTF8).
+      - C{keepHeaders}: the header section (up to 1 MiB) is kept in
+        L{headers} for the pre-queue C{headers} hooks.
+
+    Every check runs at C speed (C{bytes} methods and regular
+    expressions), so a large message costs little.
+    """
+
+    MAX_KEPT_HEADERS = 1024 * 1024
+
+    def __init__(self, maxLineLength=TEXT_LINE_LENGTH, checkBare=False, eightBitHeaders=True, keepHeaders=False):
+        self.maxLineLength = maxLineLength or 0
+        self.checkBare = checkBare
+        self.eightBitHeaders = eightBitHeaders
+        self.keepHeaders = keepHeaders
+        self.error = None
+        self.bareLineEnding = False
+        self.headersDone = False
+        self.headers = b""
+        self._lineLen = 0
+        self._tail = b"\r\n"  # the last octets seen (end-of-headers detection)
+        self._pendingCR = False
+        if self.maxLineLength:
+            # A line that starts after an LF and has at least C{limit}
+            # octets before its own LF is longer than C{limit} with it.
+            # Anchored at the LF, every attempt stops at the next line end:
+            # linear in the size of the chunk.
+            self._tooLong = re.compile(rb"\n[^\n]{%d}" % self.maxLineLength)
+
+    def _fail(self, reply):
+        if self.error is None:
+            self.error = reply
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.checkBare:
+            self._bare(data)
+        if self.maxLineLength:
+            first = data.find(b"\n")
+            if first < 0:
+                self._lineLen += len(data)
+                if self._lineLen > self.maxLineLength:
+                    self._fail(TEXT_LINE_TOO_LONG)
+            else:
+                if self._lineLen + first + 1 > self.maxLineLength:
+                    self._fail(TEXT_LINE_TOO_LONG)
+                elif self._tooLong.search(data, first):
+                    self._fail(TEXT_LINE_TOO_LONG)
+                self._lineLen = len(data) - data.rfind(b"\n") - 1
+        if not self.headersDone:
+            self._scanHeaders(data)
+
+    def _bare(self, data):
+        if self._pendingCR:
+            self._pendingCR = False
+            if data.startswith(b"\n"):
+                data = data[1:]  # the LF of a CRLF split across chunks
+            else:
+                self.bareLineEnding = True
+        if data.endswith(b"\r"):
+            self._pendingCR = True
+            data = data[:-1]
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            self.bareLineEnding = True
+        if self.bareLineEnding:
+            self._fail(BARE_LINE_ENDING)
+
+    def finish(self) -> None:
+        """The content ended: a CR left at the very end is a bare CR."""
+        if self.checkBare and self._pendingCR:
+            self.bareLineEnding = True
+            self._fail(BARE_LINE_ENDING)
+
+    def _scanHeaders(self, data):
+        # _tail starts as CRLF, so content that starts with CRLF (no header
+        # section at all) is found like any other end of headers.
+        joined = self._tail + data
+        end = joined.find(b"\r\n\r\n")
+        if end >= 0:
+            cut = end + 2 - len(self._tail)
+            if cut < 0:
+                # The end of the header section was in what came before.
+                self.headers = self.headers[: len(self.headers) + cut]
+                cut = 0
+            part = data[:cut]
+            self.headersDone = True
+        else:
+            part = data
+        if not self.eightBitHeaders and _NON_ASCII.search(part):
+            self._fail(EIGHT_BIT_HEADERS)
+        if self.keepHeaders and len(self.headers) < self.MAX_KEPT_HEADERS:
+            self.headers += part[: self.MAX_KEPT_HEADERS - len(self.headers)]
+        self._tail = joined[-3:]
 
 
 class DataDecoder:
@@ -469,16 +768,18 @@ class DataDecoder:
     (un-dot-stuffed, byte-exact, CRLF line ends).  Once the
     C{<CRLF>.<CRLF>} end marker has been seen, C{done} is true and
     C{leftover} holds whatever followed it (pipelined commands).  When the
-    content is refused — it grew past C{maxSize}, or it holds a bare CR or LF
-    and C{normaliseBareLineEndings} is false — C{error} is set to the reply
-    for the end of data and no more content is returned, but the body is
-    still consumed up to the real end marker so the session stays in step
-    with the client.
+    content is refused — it grew past C{maxSize}, it holds a bare CR or LF
+    and C{normaliseBareLineEndings} is false, or the C{checker} (a
+    L{ContentChecker}: text line length, 8-bit headers) refuses it —
+    C{error} is set to the reply for the end of data and no more content is
+    returned, but the body is still consumed up to the real end marker so
+    the session stays in step with the client.
     """
 
-    def __init__(self, maxSize=None, normaliseBareLineEndings: bool = False):
+    def __init__(self, maxSize=None, normaliseBareLineEndings: bool = False, checker=None):
         self.maxSize = maxSize
         self.normalise = normaliseBareLineEndings
+        self.checker = checker
         self.size = 0
         self.done = False
         self.leftover = b""
@@ -506,6 +807,12 @@ class DataDecoder:
             self.tooLarge = True
             self.error = MESSAGE_TOO_BIG
             return
+        checker = self.checker
+        if checker is not None:
+            checker.feed(segment)
+            if checker.error is not None:
+                self.error = checker.error
+                return
         self.size += len(segment)
         out.append(segment)
 
@@ -548,3 +855,31 @@ class DataDecoder:
             i = j + 2
             self._lineStart = True
         return out
+
+
+class LineEndingNormaliser:
+    """
+    Turns bare CR and bare LF into CRLF in a stream fed chunk by chunk (a
+    CRLF split between two chunks stays one line end).  Used for BDAT
+    content when the server is configured to normalise rather than refuse.
+    """
+
+    def __init__(self):
+        self._pendingCR = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._pendingCR:
+            self._pendingCR = False
+            data = b"\r" + data
+        if data.endswith(b"\r"):
+            self._pendingCR = True
+            data = data[:-1]
+        if b"\r" in data or b"\n" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        return data
+
+    def finish(self) -> bytes:
+        if self._pendingCR:
+            self._pendingCR = False
+            return b"\r\n"
+        return b""

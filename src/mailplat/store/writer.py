@@ -39,8 +39,29 @@ except (OSError, AttributeError):
     _libc = None
 
 #: When a batch has at least this many files, one syncfs(2) of the file system
-#: replaces one fsync per file.
-SYNCFS_THRESHOLD = 4
+#: replaces one fsync per file.  syncfs flushes every process's dirty data on
+#: the file system, so on a busy shared disk it costs many times an fsync
+#: (measured: 28 ms against 4 ms); below this size the batch's files are
+#: fsync'd in parallel instead, which the file system's journal commits
+#: together (ext4/xfs group concurrent fsyncs into one journal commit).
+SYNCFS_THRESHOLD = 256
+
+#: Threads that fsync one batch's files concurrently.
+_FSYNC_THREADS = 16
+_fsyncPool = None
+
+
+def _parallelFsync(paths) -> None:
+    global _fsyncPool
+    if len(paths) == 1:
+        fsyncPath(paths[0])
+        return
+    if _fsyncPool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _fsyncPool = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="mailplat-fsync")
+    # list() waits for all and re-raises the first failure.
+    list(_fsyncPool.map(fsyncPath, paths))
 
 
 def fsyncPath(path: str) -> None:
@@ -64,10 +85,11 @@ def syncFiles(paths, directories) -> None:
         finally:
             os.close(fd)
         return
-    for p in paths:
-        fsyncPath(p)
-    for d in directories:
-        fsyncPath(d)
+    # The files' contents and their directory entries are independent: all
+    # of them are synced in one concurrent round, and all are durable
+    # before the caller commits the database transaction that names them.
+    if paths or directories:
+        _parallelFsync(paths + directories)
 
 
 def writeFile(path: str, data: bytes) -> None:
