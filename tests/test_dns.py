@@ -25,7 +25,7 @@ class MailResolverTests(unittest.TestCase):
         self.server = DNSTestServer(ZONE)
         port = self.server.start(reactor)
         self.addCleanup(self.server.stop)
-        self.resolver = MailResolver(servers=[("127.0.0.1", port)], reactor=reactor, timeout=(1, 2),
+        self.resolver = MailResolver(servers=[("127.0.0.1", port)], reactor=reactor, timeout=(3, 6),
                                      randomSource=random.Random(4))
 
     @defer.inlineCallbacks

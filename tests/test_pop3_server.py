@@ -4,20 +4,27 @@ task.Clock against MemoryStore, then real sockets with poplib.
 """
 
 import base64
+import hashlib
 import poplib
+import re
 import socket
 import ssl
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
-from zope.interface import alsoProvides
+from zope.interface import alsoProvides, implementer
 
-import mailplat.testing
+import mailplat
 from mailplat import tls
+from mailplat.auth.realm import MailRealm
 from mailplat.interfaces.storage import TemporaryStoreFailure
 from mailplat.metrics import Metrics
 from mailplat.pop3 import wire
@@ -79,9 +86,10 @@ class FailingStore:
 
 
 def skipStructure(testCase):
-    # POP3 never asks for the MIME structure; keep these tests independent of
-    # the analyser MemoryStore runs at append time.
-    testCase.patch(mailplat.testing, "_analyze", lambda content: None)
+    # POP3 never asks for the MIME structure, but MemoryStore analyses (and
+    # indexes) every message at append time; the real analyser is fast
+    # enough for these messages.
+    return None
 
 
 class SessionMixin:
@@ -97,9 +105,12 @@ class SessionMixin:
 
     def factory(self, store=None, **kwargs):
         kwargs.setdefault("metrics", self.metrics)
+        # memoryPortal's checker also lists IUsernameHashedPassword; the APOP
+        # tests below choose their portal themselves.
+        kwargs.setdefault("apop", False)
+        kwargs.setdefault("portal", memoryPortal(USERS))
         return POP3Factory(
             hostname="pop.example.org",
-            portal=memoryPortal(USERS),
             store=store if store is not None else self.store,
             reactor=self.clock,
             **kwargs,
@@ -203,6 +214,9 @@ class SessionTests(SessionMixin, unittest.TestCase):
         proto, t = self.connect()
         self.login(proto, t)
         self.send(proto, t, b"RETR 2\r\n")
+        # Written in the background, within seenDelay.
+        self.assertFalse(any("\\Seen" in m.flags for m in self.messages()))
+        self.clock.advance(proto.seenDelay)
         flags = [m.flags for m in self.messages()]
         self.assertEqual([("\\Seen" in f) for f in flags], [False, True, False])
 
@@ -345,7 +359,7 @@ class SessionTests(SessionMixin, unittest.TestCase):
         self.assertEqual(
             caps,
             b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
-            b"STLS\r\nEXPIRE NEVER\r\nLOGIN-DELAY 0\r\nIMPLEMENTATION mailplat\r\n.\r\n",
+            b"STLS\r\nEXPIRE NEVER\r\nIMPLEMENTATION mailplat\r\nUTF8 USER\r\nLANG\r\n.\r\n",
         )
         refused = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first\r\n"
         self.assertEqual(self.send(proto, t, b"USER alice\r\n"), refused)
@@ -361,7 +375,7 @@ class SessionTests(SessionMixin, unittest.TestCase):
         self.assertIn(b"\r\nUSER\r\n", self.send(proto, t, b"CAPA\r\n"))
         self.login(proto, t)
         proto, t = self.connect(self.factory(allowInsecureAuth=False), host="127.0.0.1")
-        self.assertNotIn(b"USER", self.send(proto, t, b"CAPA\r\n"))
+        self.assertNotIn(b"\r\nUSER\r\n", self.send(proto, t, b"CAPA\r\n"))
         self.assertTrue(self.send(proto, t, b"USER alice\r\n").startswith(b"-ERR [AUTH] Plaintext"))
 
     def test_capa_on_loopback(self):
@@ -369,12 +383,13 @@ class SessionTests(SessionMixin, unittest.TestCase):
         self.assertEqual(
             self.send(proto, t, b"capa\r\n"),
             b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
-            b"USER\r\nSASL PLAIN LOGIN\r\nEXPIRE NEVER\r\nLOGIN-DELAY 0\r\nIMPLEMENTATION mailplat\r\n.\r\n",
+            b"USER\r\nSASL PLAIN LOGIN\r\nEXPIRE NEVER\r\nIMPLEMENTATION mailplat\r\nUTF8 USER\r\nLANG\r\n.\r\n",
         )
         self.login(proto, t)
         caps = self.send(proto, t, b"CAPA\r\n")
-        self.assertNotIn(b"USER", caps)
+        self.assertNotIn(b"\r\nUSER\r\n", caps)
         self.assertNotIn(b"SASL", caps)
+        self.assertIn(b"\r\nIMPLEMENTATION mailplat-%s\r\n" % mailplat.__version__.encode(), caps)
 
     def test_auth_plain_with_initial_response(self):
         proto, t = self.connect()
@@ -458,9 +473,14 @@ class SessionTests(SessionMixin, unittest.TestCase):
     def test_apop_not_offered(self):
         proto, t = self.connect()
         self.assertEqual(
-            self.send(proto, t, b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n"), b"-ERR APOP not supported\r\n"
+            self.send(proto, t, b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n"),
+            b"-ERR [AUTH] APOP unavailable: passwords are stored as one-way (argon2id) hashes, so an APOP "
+            b"digest cannot be checked; use USER/PASS or AUTH over TLS\r\n",
         )
-        self.assertNotIn(b"<", self.send(proto, t, b"NOOP\r\n"))
+        self.assertNotIn(b"APOP", self.send(proto, t, b"CAPA\r\n"))
+        # Not an authentication failure: no delay, and the session goes on.
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 600)
+        self.login(proto, t)
 
     def test_pass_without_user(self):
         proto, t = self.connect()
@@ -545,6 +565,7 @@ class SocketTests(unittest.TestCase):
         self.lost = []
 
     def listen(self, implicitTLS=None, **kwargs):
+        kwargs.setdefault("apop", False)
         factory = POP3Factory(hostname="localhost", portal=memoryPortal(USERS), store=self.store, **kwargs)
         build = factory.buildProtocol
 
@@ -691,3 +712,249 @@ class SocketTests(unittest.TestCase):
         self.assertNotIn("STLS", caps)
         self.assertIn("USER", caps)
         self.assertEqual(stat[0], 3)
+
+
+@implementer(ICredentialsChecker)
+class CleartextChecker:
+    """A checker that keeps passwords as they are, so it can verify APOP."""
+
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def __init__(self, users):
+        self.users = users
+
+    def requestAvatarId(self, credentials):
+        name = credentials.username
+        name = name.decode("utf-8") if isinstance(name, bytes) else name
+        password = self.users.get(name)
+        if password is not None and credentials.checkPassword(password.encode("utf-8")):
+            return defer.succeed(name)
+        return defer.fail(UnauthorizedLogin())
+
+
+@implementer(ICredentialsChecker)
+class HashOnlyChecker(CleartextChecker):
+    """Like the built-in checkers: plain passwords only."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+
+class ExtensionTests(SessionMixin, unittest.TestCase):
+    """APOP, LOGIN-DELAY, UTF8, LANG, the bad-command limit, batched \\Seen."""
+
+    def pump(self, seconds=100):
+        for _ in range(seconds * 10):
+            self.clock.advance(0.1)
+
+    def apopSession(self, checker=None, **kwargs):
+        portal = Portal(MailRealm(), [checker or CleartextChecker(USERS)])
+        factory = self.factory(portal=portal, apop=kwargs.pop("apop", None), **kwargs)
+        proto = factory.buildProtocol(None)
+        t = TLSStringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
+        proto.makeConnection(t)
+        greeting = t.value()
+        t.clear()
+        return proto, t, greeting
+
+    def test_apop_offered_when_a_checker_can_verify_it(self):
+        proto, t, greeting = self.apopSession()
+        match = re.match(rb"\+OK pop\.example\.org POP3 server ready (<[^<>@]+@pop\.example\.org>)\r\n\Z", greeting)
+        self.assertIsNotNone(match, greeting)
+        self.assertIn(b"\r\nAPOP\r\n", self.send(proto, t, b"CAPA\r\n"))
+        digest = hashlib.md5(match.group(1) + b"secret").hexdigest().encode()
+        self.assertEqual(self.send(proto, t, b"APOP alice " + digest.upper() + b"\r\n"), b"+OK Logged in, 3 messages\r\n")
+        self.assertEqual(proto.user, "alice")
+
+    def test_apop_wrong_digest_is_an_authentication_failure(self):
+        proto, t, greeting = self.apopSession()
+        wrong = hashlib.md5(b"<1.2@x>secret").hexdigest().encode()
+        self.assertEqual(self.send(proto, t, b"APOP alice " + wrong + b"\r\n"), b"")
+        self.clock.advance(1)
+        self.assertEqual(t.value(), b"-ERR [AUTH] Authentication failed\r\n")
+        self.assertEqual(self.send(proto, t, b"APOP alice xyz\r\n"), b"-ERR Invalid APOP digest\r\n")
+        self.assertEqual(self.send(proto, t, b"APOP alice\r\n"), b"-ERR APOP requires 2 arguments\r\n")
+        self.assertIsNone(proto.user)
+
+    def test_apop_timestamps_differ_between_sessions(self):
+        stamps = {self.apopSession()[2] for _ in range(3)}
+        self.assertEqual(len(stamps), 3)
+
+    def test_apop_not_offered_with_hash_only_checkers_or_when_disabled(self):
+        for checker, apop in ((HashOnlyChecker(USERS), None), (HashOnlyChecker(USERS), True), (None, False)):
+            proto, t, greeting = self.apopSession(checker, apop=apop)
+            self.assertEqual(greeting, b"+OK pop.example.org POP3 server ready\r\n")
+            reply = self.send(proto, t, b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n")
+            self.assertTrue(reply.startswith(b"-ERR [AUTH] APOP unavailable: passwords are stored as one-way"), reply)
+
+    def test_bad_command_limit(self):
+        proto, t = self.connect(self.factory())
+        for i in range(19):
+            line = [b"BOGUS\r\n", b"STAT\r\n", b"x" * 300 + b"\r\n", b"NOOP a\r\n"][i % 4]
+            self.assertTrue(self.send(proto, t, line).startswith(b"-ERR "))
+            self.assertFalse(t.disconnecting)
+        # A valid command starts the count again.
+        self.assertEqual(self.send(proto, t, b"NOOP\r\n"), b"+OK\r\n")
+        for _ in range(19):
+            self.send(proto, t, b"BOGUS\r\n")
+        self.assertFalse(t.disconnecting)
+        self.assertEqual(self.send(proto, t, b"BOGUS\r\n"), b"-ERR Too many invalid commands\r\n")
+        self.assertTrue(t.disconnecting)
+
+    def test_bad_command_limit_closes_without_update(self):
+        proto, t = self.connect()
+        self.login(proto, t)
+        self.send(proto, t, b"DELE 1\r\n")
+        self.send(proto, t, b"FOO\r\n" * 20)
+        self.assertTrue(t.value().endswith(b"-ERR Too many invalid commands\r\n"))
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost()
+        self.assertEqual(len(self.messages()), 3)
+        self.assertFalse(proto.factory.locks.isLocked("alice"))
+
+    def test_failing_valid_commands_do_not_count(self):
+        proto, t = self.connect()
+        self.login(proto, t)
+        for _ in range(30):
+            self.assertEqual(self.send(proto, t, b"RETR 99\r\n"), b"-ERR No such message\r\n")
+        self.assertFalse(t.disconnecting)
+
+    def test_login_delay(self):
+        factory = self.factory(loginDelay=60)
+        proto, t = self.connect(factory)
+        self.assertIn(b"\r\nLOGIN-DELAY 60\r\n", self.send(proto, t, b"CAPA\r\n"))
+        self.login(proto, t)
+        self.assertIn(b"\r\nLOGIN-DELAY 60\r\n", self.send(proto, t, b"CAPA\r\n"))
+        self.send(proto, t, b"QUIT\r\n")
+        proto.connectionLost()
+        self.clock.advance(30)
+        proto, t = self.connect(factory)
+        # A wrong password is a plain failure: LOGIN-DELAY tells nothing before the password is right.
+        self.send(proto, t, b"USER alice\r\nPASS wrong\r\n")
+        self.clock.advance(1)
+        self.assertEqual(t.value(), b"+OK Send your password\r\n-ERR [AUTH] Authentication failed\r\n")
+        self.send(proto, t, b"USER alice\r\n")
+        self.assertEqual(
+            self.send(proto, t, b"PASS secret\r\n"), b"-ERR [LOGIN-DELAY] Minimum time between logins is 60 seconds\r\n"
+        )
+        self.assertIsNone(proto.user)
+        self.assertFalse(factory.locks.isLocked("alice"))
+        # Another account is not affected, and after the delay alice may log in.
+        self.login(proto, t, "bob")
+        proto, t = self.connect(factory)
+        self.clock.advance(30)
+        self.login(proto, t)
+
+    def test_no_login_delay_by_default(self):
+        proto, t = self.connect()
+        self.assertNotIn(b"LOGIN-DELAY", self.send(proto, t, b"CAPA\r\n"))
+
+    def test_utf8_command_and_user_names(self):
+        portal = Portal(MailRealm(), [HashOnlyChecker({"jürgen": "pässwörd"})])
+        self.store.createAccount("jürgen")
+        proto, t = self.connect(self.factory(portal=portal))
+        self.assertIn(b"\r\nUTF8 USER\r\n", self.send(proto, t, b"CAPA\r\n"))
+        self.assertEqual(self.send(proto, t, b"UTF8\r\n"), b"+OK UTF-8 mode enabled\r\n")
+        self.assertEqual(self.send(proto, t, "USER jürgen\r\n".encode()), b"+OK Send your password\r\n")
+        self.assertTrue(self.send(proto, t, "PASS pässwörd\r\n".encode()).startswith(b"+OK Logged in, 0 messages"))
+        self.assertEqual(self.send(proto, t, b"UTF8\r\n"), b"-ERR Command not valid in this state\r\n")
+        self.assertEqual(self.send(proto, t, b"USER \xff\r\n"), b"-ERR Command not valid in this state\r\n")
+
+    def test_non_utf8_user_name_refused(self):
+        proto, t = self.connect()
+        self.assertEqual(self.send(proto, t, b"USER \xffalice\r\n"), b"-ERR User name is not valid UTF-8\r\n")
+
+    def test_lang(self):
+        proto, t = self.connect()
+        self.assertIn(b"\r\nLANG\r\n", self.send(proto, t, b"CAPA\r\n"))
+        self.assertEqual(self.send(proto, t, b"LANG\r\n"), b"+OK Language listing follows\r\nen English\r\n.\r\n")
+        self.assertEqual(self.send(proto, t, b"LANG en\r\n"), b"+OK en Language is English\r\n")
+        self.assertEqual(self.send(proto, t, b"LANG EN-gb\r\n"), b"+OK en Language is English\r\n")
+        self.assertEqual(self.send(proto, t, b"LANG en-x-foo\r\n"), b"+OK en Language is English\r\n")
+        self.assertEqual(self.send(proto, t, b"LANG *\r\n"), b"+OK en Language is English\r\n")
+        self.assertEqual(self.send(proto, t, b"LANG fr\r\n"), b"-ERR Unsupported language\r\n")
+        self.assertEqual(self.send(proto, t, b"LANG e_n\r\n"), b"-ERR Invalid language range\r\n")
+        self.login(proto, t)
+        self.assertEqual(self.send(proto, t, b"LANG *\r\n"), b"+OK en Language is English\r\n")
+        self.assertEqual(proto.language, "en")
+
+    def test_seen_flags_are_batched_and_written_before_update(self):
+        calls = []
+        proto, t = self.connect(self.factory(store=_Tracking(self.store, self.clock, calls)))
+        proto.dataReceived(b"USER alice\r\nPASS secret\r\n")
+        self.pump()
+        t.clear()
+        proto.dataReceived(b"RETR 1\r\nRETR 2\r\nRETR 3\r\nDELE 1\r\nQUIT\r\n")
+        self.pump()
+        replies = t.value()
+        self.assertTrue(replies.endswith(b"+OK pop.example.org POP3 server signing off (1 messages deleted)\r\n"))
+        # One \Seen write for the three RETRs (at QUIT, before the seenDelay
+        # ran out), then the \Deleted of UPDATE.
+        self.assertEqual(calls, [self.uids, [self.uids[0]]])
+        metas = self.messages()
+        self.assertEqual([m.uid for m in metas], self.uids[1:])
+        self.assertTrue(all("\\Seen" in m.flags for m in metas))
+
+    def test_seen_written_in_batches_while_the_session_goes_on(self):
+        calls = []
+        proto, t = self.connect(self.factory(store=_Tracking(self.store, self.clock, calls)))
+        proto.seenBatch = 2
+        self.login(proto, t)
+        self.send(proto, t, b"RETR 1\r\n")
+        self.assertEqual(calls, [])
+        self.send(proto, t, b"RETR 2\r\n")
+        self.assertEqual(calls, [self.uids[:2]])  # a full batch goes at once
+        self.send(proto, t, b"RETR 3\r\n")
+        self.clock.advance(proto.seenDelay)
+        # The first write has not finished: the third waits for it ...
+        self.assertEqual(calls, [self.uids[:2]])
+        self.clock.advance(5)
+        self.clock.advance(proto.seenDelay)
+        # ... and goes after it, within seenDelay.
+        self.assertEqual(calls, [self.uids[:2], self.uids[2:]])
+        self.clock.advance(5)
+        self.assertTrue(all("\\Seen" in m.flags for m in self.messages()))
+        self.assertEqual(self.send(proto, t, b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_seen_written_when_the_connection_drops(self):
+        proto, t = self.connect()
+        self.login(proto, t)
+        self.send(proto, t, b"RETR 2\r\n")
+        proto.connectionLost()
+        self.assertIn("\\Seen", self.messages()[1].flags)
+
+    def test_sizes_of_many_messages(self):
+        for i in range(50):
+            self.store.append("alice", "INBOX", b"Subject: %d\n\n%s\n" % (i, b"y\n" * i))
+        proto, t = self.connect(self.factory(store=SlowStore(self.store, self.clock)))
+        proto.dataReceived(b"USER alice\r\nPASS secret\r\nLIST\r\n")
+        self.pump()
+        listing = t.value().split(b"+OK 53 messages")[1]
+        sizes = [wire.normalisedSize(self.successResultOf(self.store.getContent("alice", "INBOX", m.uid)))
+                 for m in self.messages()]
+        self.assertIn(b"\r\n53 %d\r\n.\r\n" % sizes[-1], listing)
+        self.assertIn(b" (%d octets)\r\n" % sum(sizes), listing)
+
+
+class _Tracking:
+    """
+    A store whose C{storeFlags} answers only after 5 seconds, recording the
+    UIDs of every call; everything else answers at once.
+    """
+
+    def __init__(self, store, clock, calls):
+        self._store = store
+        self._clock = clock
+        self._calls = calls
+
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+        if name != "storeFlags":
+            return method
+
+        def storeFlags(user, mailbox, uids, *a, **kw):
+            self._calls.append(list(uids))
+            d = defer.Deferred()
+            self._clock.callLater(5, lambda: method(user, mailbox, uids, *a, **kw).chainDeferred(d))
+            return d
+
+        return storeFlags

@@ -1,7 +1,8 @@
 """
 The POP3 server: RFC 1939 with RFC 2449 (CAPA, RESP-CODES, AUTH-RESP-CODE,
-PIPELINING, EXPIRE, LOGIN-DELAY, IMPLEMENTATION), RFC 2595 section 4 (STLS)
-and RFC 5034 (SASL AUTH with initial response), on an L{IMessageStore}.
+PIPELINING, EXPIRE, LOGIN-DELAY, IMPLEMENTATION), RFC 2595 section 4 (STLS),
+RFC 5034 (SASL AUTH with initial response) and RFC 6856 (UTF8, LANG), on an
+L{IMessageStore}.
 
 The maildrop is the account's INBOX.  At login the session reads the INBOX's
 metadata once; messages already flagged C{\\Deleted} (by IMAP, say) are left
@@ -16,7 +17,18 @@ UPDATE state: C{QUIT} sets C{\\Deleted} on the messages marked with C{DELE}
 and expunges exactly those UIDs; when the store fails, the reply is
 C{-ERR [SYS/TEMP]} and the flag is taken off again so the messages stay.
 A connection that drops or times out (autologout, RFC 1939 section 3) never
-enters UPDATE.  C{RETR} sets C{\\Seen} once the message has been sent.
+enters UPDATE.  The two store calls (flag, then expunge those UIDs) are two
+transactions: should the process die between them, the messages keep
+C{\\Deleted}, which already hides them from every later POP3 session, and
+an IMAP client sees them flagged for deletion.
+
+C{RETR} sets C{\\Seen} once the message has been sent.  The flag changes
+are batched: they are written at most C{seenDelay} (1 s) later, or at once
+when C{seenBatch} (256) are waiting, so a client fetching a thousand
+messages costs a few store transactions, not a thousand, and no command
+waits for them.  Whatever is still pending is written before UPDATE, and
+also when the connection drops.  Until then an IMAP session on the same
+mailbox sees the message unseen.
 
 Commands are processed strictly one at a time, in the order received, even
 though the store answers asynchronously (PIPELINING); anything pipelined
@@ -24,25 +36,61 @@ after C{STLS} is discarded before the TLS handshake.  Plaintext passwords
 (USER/PASS, SASL PLAIN and LOGIN) are refused before TLS unless the
 connection is to a loopback address or C{allowInsecureAuth=True}.
 
+APOP (RFC 1939 section 7) proves knowledge of the password with
+C{MD5(timestamp + password)}, so the server must hold the password itself.
+It is offered (timestamp in the greeting, command accepted) only when a
+checker of the portal can verify C{IUsernameHashedPassword} credentials,
+which means it keeps passwords in a recoverable form.  The built-in
+checkers (C{directory}, C{file}) keep argon2id hashes, a one-way function,
+so with them the greeting has no timestamp and C{APOP} answers
+C{-ERR [AUTH] APOP unavailable: ...} saying why and what to use instead.
+
+RFC 2449 capabilities: C{EXPIRE NEVER} (the server itself never deletes
+mail; a user or an IMAP client may), C{LOGIN-DELAY n} only when
+C{loginDelay} is set (a login sooner than C{n} seconds after the account's
+previous one gets C{-ERR [LOGIN-DELAY]}, answered only after the
+credentials were checked so it reveals nothing about accounts), and
+C{IMPLEMENTATION}.
+
+RFC 6856: C{UTF8 USER} is advertised: user names and passwords are UTF-8
+whether or not the C{UTF8} command was given, and C{UTF8} (AUTHORIZATION
+state only) switches on UTF-8 mode.  Message content is sent as stored in
+both modes (deviation, deliberate: no RFC 6857/6858 downgrade of
+internationalised headers; the store keeps the original and every download
+client we test handles 8-bit headers, whereas a downgrade would change what
+they receive).  All our response texts are ASCII.  C{LANG} lists and
+accepts one language, C{en}; a range is matched by RFC 4647 lookup
+(C{en-GB} selects C{en}), C{*} selects the default.
+
 Deviations and choices:
-- APOP is not offered: passwords are stored hashed, so the shared secret it
-  needs does not exist.  The command answers C{-ERR}.
 - C{AUTH} with no argument lists the available mechanisms as a multi-line
   response (the RFC 1734 behaviour many clients still probe with).
 - The sizes in C{STAT}, C{LIST} and the C{RETR} status line are the octets
   of the CRLF-normalised message (see L{mailplat.pop3.wire}); computing them
-  reads each message once, the first time a size is asked for, and the
-  result is cached per factory.
+  reads each message once (eight at a time), the first time a size is
+  asked for, and the result is cached per factory.
+- After two C{RETR}s of consecutive messages the session reads the next
+  C{readAhead} (8) messages of at most 256 KB before they are asked for,
+  so the store's latency overlaps with sending.
 - After C{maxAuthFailures} failed logins the session says so and closes.
+- After C{maxBadCommands} invalid commands in a row (unknown, malformed,
+  not valid in the state, over-long or with bad characters) the session
+  answers C{-ERR Too many invalid commands} and closes without UPDATE.
+  Any valid command resets the count.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import re
+import secrets
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -50,6 +98,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import mailplat
 from mailplat import tls
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.interfaces.auth import IMailAccount
@@ -64,15 +113,38 @@ AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
 UPDATE = "UPDATE"
 
+#: The reply to APOP when no checker can verify it.
+APOP_UNAVAILABLE = (
+    "APOP unavailable: passwords are stored as one-way (argon2id) hashes, so an APOP digest "
+    "cannot be checked; use USER/PASS or AUTH over TLS"
+)
+
+#: RFC 6856 LANG: the languages of our response texts, tag -> description.
+LANGUAGES = {"en": "English"}
+DEFAULT_LANGUAGE = "en"
+
+_LANGUAGE_RANGE = re.compile(r"\A(\*|[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*)\Z")
+
 
 # --- maildrop locks ---------------------------------------------------------
 
 
 class MaildropLocks:
-    """The accounts whose maildrop a session holds, for one store."""
+    """
+    The accounts whose maildrop a session holds, for one store, and when
+    each account last logged in (for LOGIN-DELAY).
+    """
 
     def __init__(self):
         self._held: set[str] = set()
+        self._lastLogin: dict[str, float] = {}
+
+    def lastLogin(self, user: str):
+        """When C{user} last entered the TRANSACTION state, or C{None}."""
+        return self._lastLogin.get(user)
+
+    def recordLogin(self, user: str, when: float) -> None:
+        self._lastLogin[user] = when
 
     def acquire(self, user: str) -> bool:
         if user in self._held:
@@ -136,6 +208,35 @@ class _SizeCache:
         self._items.move_to_end(key)
         while len(self._items) > self._limit:
             self._items.popitem(last=False)
+
+
+@implementer(IUsernameHashedPassword)
+class APOPCredentials:
+    """
+    The credentials of an C{APOP name digest} command: C{checkPassword}
+    recomputes C{MD5(timestamp + password)} (RFC 1939 section 7).
+    """
+
+    def __init__(self, timestamp: bytes, username: bytes, digest: bytes):
+        self.timestamp = timestamp
+        self.username = username
+        self.digest = digest.lower()
+
+    def checkPassword(self, password) -> bool:
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        expected = hashlib.md5(self.timestamp + password).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self.digest)
+
+
+_HEX_DIGEST = re.compile(rb"\A[0-9A-Fa-f]{32}\Z")
+
+
+class _Failed:
+    """A failure kept as a value (of a read ahead nobody may ask for)."""
+
+    def __init__(self, failure):
+        self.failure = failure
 
 
 class _ClientError(Exception):
@@ -237,6 +338,16 @@ class POP3Server(protocol.Protocol):
         self._userName = None  # from USER, waiting for PASS
         self._sasl = None  # mechanism while an AUTH exchange runs
         self._authFailures = 0
+        self._badCommands = 0
+        self._apopTimestamp = None
+        self._utf8 = False
+        self.language = DEFAULT_LANGUAGE
+        self._seenPending: list[int] = []
+        self._seenWaiters: list = []
+        self._seenBusy = False
+        self._seenTimer = None
+        self._prefetched: dict = {}  # message number -> (uid, Deferred of content or _Failed)
+        self._lastRetrieved = -1
         self._avatar = None
         self._logout = None
         self.user = None  # the account name once logged in
@@ -253,7 +364,14 @@ class POP3Server(protocol.Protocol):
         peer = self.transport.getPeer()
         _log.debug("POP3 connection from {peer}", peer=peer)
         self._resetTimeout()
-        self._write(wire.ok(f"{self.factory.hostname} POP3 server ready"))
+        greeting = f"{self.factory.hostname} POP3 server ready"
+        if self.factory.apopAvailable():
+            # RFC 1939 section 7: a timestamp unique to this session.
+            self._apopTimestamp = (
+                f"<{os.getpid()}.{secrets.token_hex(8)}.{int(self._reactor.seconds())}@{self.factory.hostname}>"
+            )
+            greeting += " " + self._apopTimestamp
+        self._write(wire.ok(greeting))
 
     def connectionLost(self, reason=protocol.connectionDone):
         if not self._connected:
@@ -268,6 +386,9 @@ class POP3Server(protocol.Protocol):
         self._delayCall = None
         if self._streamer is not None:
             self._streamer.stopProducing()
+        self._prefetched.clear()
+        # Messages sent before the connection dropped were seen all the same.
+        self._flushSeen()
         self._endLogin()
         self._buffer.clear()
         if self.factory.metrics is not None:
@@ -353,15 +474,27 @@ class POP3Server(protocol.Protocol):
             self._readPaused = False
             self.transport.resumeProducing()
 
+    def _badCommand(self, text):
+        """Answer an invalid command; close after too many in a row."""
+        self._badCommands += 1
+        limit = self.factory.maxBadCommands
+        if limit and self._badCommands >= limit:
+            _log.info("POP3 session of {user} closed after {count} invalid commands",
+                      user=self.user, count=self._badCommands)
+            self._write(wire.err("Too many invalid commands"))
+            self._close()
+            return
+        self._write(wire.err(text))
+
     def _handleEvent(self, event):
         try:
             if isinstance(event, wire.LineTooLong):
                 self._abortSASL()
-                self._write(wire.err("Line too long"))
+                self._badCommand("Line too long")
                 return
             if isinstance(event, wire.BadLine):
                 self._abortSASL()
-                self._write(wire.err("Invalid characters in command line"))
+                self._badCommand("Invalid characters in command line")
                 return
             if self._sasl is not None:
                 result = self._saslResponse(event.data)
@@ -369,8 +502,12 @@ class POP3Server(protocol.Protocol):
                 try:
                     command = wire.parseCommand(event.data)
                 except wire.CommandError as e:
-                    self._write(wire.err(str(e)))
+                    self._badCommand(str(e))
                     return
+                if not self._validInState(command.keyword):
+                    self._badCommand("Command not valid in this state")
+                    return
+                self._badCommands = 0
                 result = self._dispatch(command)
         except _ClientError as e:
             self._write(wire.err(e.text, e.code))
@@ -403,15 +540,18 @@ class POP3Server(protocol.Protocol):
 
     # --- dispatch -----------------------------------------------------------
 
-    _authorizationCommands = {"USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "NOOP"}
-    _transactionCommands = {"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "NOOP", "QUIT", "CAPA"}
+    _authorizationCommands = {"USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "NOOP", "UTF8", "LANG"}
+    _transactionCommands = {"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "NOOP", "QUIT", "CAPA", "LANG"}
+
+    def _validInState(self, name):
+        if self.state == AUTHORIZATION:
+            return name in self._authorizationCommands
+        if self.state == TRANSACTION:
+            return name in self._transactionCommands
+        return False
 
     def _dispatch(self, command):
-        name = command.keyword
-        allowed = self._authorizationCommands if self.state == AUTHORIZATION else self._transactionCommands
-        if name not in allowed:
-            raise _ClientError("Command not valid in this state")
-        handler = getattr(self, "do_" + name)
+        handler = getattr(self, "do_" + command.keyword)
         return handler(*command.args)
 
     # --- capabilities -----------------------------------------------------
@@ -443,7 +583,16 @@ class POP3Server(protocol.Protocol):
                 caps.append(b"SASL " + " ".join(mechs).encode("ascii"))
             if self._stlsAvailable():
                 caps.append(b"STLS")
-        caps += [b"EXPIRE NEVER", b"LOGIN-DELAY 0", b"IMPLEMENTATION mailplat"]
+            if self._apopTimestamp is not None:
+                caps.append(b"APOP")
+        caps.append(b"EXPIRE NEVER")
+        if self.factory.loginDelay:
+            caps.append(b"LOGIN-DELAY %d" % self.factory.loginDelay)
+        if self.state == AUTHORIZATION:
+            caps.append(b"IMPLEMENTATION mailplat")
+        else:
+            caps.append(b"IMPLEMENTATION mailplat-" + mailplat.__version__.encode("ascii"))
+        caps += [b"UTF8 USER", b"LANG"]
         return caps
 
     def do_CAPA(self):
@@ -451,6 +600,43 @@ class POP3Server(protocol.Protocol):
 
     def do_NOOP(self):
         self._write(wire.ok())
+
+    # --- RFC 6856: UTF8 and LANG ---------------------------------------------
+
+    def do_UTF8(self):
+        self._utf8 = True
+        self._write(wire.ok("UTF-8 mode enabled"))
+
+    def do_LANG(self, arg=None):
+        if arg is None:
+            lines = [f"{tag} {name}".encode("utf-8") for tag, name in LANGUAGES.items()]
+            self._write(wire.ok("Language listing follows") + wire.multiline(lines))
+            return
+        try:
+            wanted = arg.decode("ascii")
+        except UnicodeDecodeError:
+            wanted = ""
+        if not _LANGUAGE_RANGE.match(wanted):
+            raise _ClientError("Invalid language range")
+        tag = self._lookupLanguage(wanted.lower())
+        if tag is None:
+            raise _ClientError("Unsupported language")
+        self.language = tag
+        self._write(wire.ok(f"{tag} Language is {LANGUAGES[tag]}"))
+
+    @staticmethod
+    def _lookupLanguage(wanted):
+        """RFC 4647 section 3.4 lookup of one language range."""
+        if wanted == "*":
+            return DEFAULT_LANGUAGE
+        while wanted:
+            if wanted in LANGUAGES:
+                return wanted
+            wanted = wanted.rpartition("-")[0]
+            # A single-letter subtag left at the end is dropped with its neighbour.
+            if len(wanted) > 2 and wanted[-2] == "-":
+                wanted = wanted[:-2]
+        return None
 
     # --- STLS -------------------------------------------------------------------
 
@@ -489,8 +675,17 @@ class POP3Server(protocol.Protocol):
             raise _ClientError("USER first")
         return self._login(UsernamePassword(name.encode("utf-8"), password))
 
-    def do_APOP(self, *args):
-        raise _ClientError("APOP not supported")
+    def do_APOP(self, name, digest):
+        if self._apopTimestamp is None:
+            raise _ClientError(APOP_UNAVAILABLE, "AUTH")
+        if not _HEX_DIGEST.match(digest):
+            raise _ClientError("Invalid APOP digest")
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _ClientError("User name is not valid UTF-8")
+        self._userName = None
+        return self._login(APOPCredentials(self._apopTimestamp.encode("utf-8"), name, digest))
 
     # --- AUTH (RFC 5034) --------------------------------------------------------
 
@@ -580,6 +775,12 @@ class POP3Server(protocol.Protocol):
         if self._closing:
             logout()
             return None
+        delay = self.factory.loginDelay
+        last = self.factory.locks.lastLogin(user) if delay else None
+        if last is not None and self._reactor.seconds() - last < delay:
+            logout()
+            _log.info("POP3 login of {user} within the login delay", user=user)
+            raise _ClientError(f"Minimum time between logins is {delay} seconds", "LOGIN-DELAY")
         if not self.factory.locks.acquire(user):
             logout()
             _log.info("POP3 maildrop of {user} is locked", user=user)
@@ -608,6 +809,8 @@ class POP3Server(protocol.Protocol):
         if self._closing:
             return
         self.state = TRANSACTION
+        if self.factory.loginDelay:
+            self.factory.locks.recordLogin(self.user, self._reactor.seconds())
         _log.info("POP3 login {user}: {count} messages", user=self.user, count=len(self._messages))
         self._write(wire.ok(f"Logged in, {len(self._messages)} messages"))
 
@@ -631,22 +834,34 @@ class POP3Server(protocol.Protocol):
             raise _ClientError("No such message")
         return number, self._messages[number - 1]
 
-    @defer.inlineCallbacks
+    #: Message contents read at once to compute sizes.
+    sizeReadAhead = 8
+
     def _ensureSizes(self, messages):
-        """Fill in the normalised size of C{messages}, reading their content."""
-        cache = self.factory.sizes
-        for m in messages:
-            if m.size is not None:
-                continue
-            try:
-                content = yield self.factory.store.getContent(self.user, MAILDROP, m.uid)
-            except KeyError:
+        """
+        Fill in the normalised size of C{messages}, reading the content of
+        those whose size is not known yet, a few at a time.
+        """
+        missing = [m for m in messages if m.size is None]
+        if not missing:
+            return defer.succeed(None)
+        semaphore = defer.DeferredSemaphore(self.sizeReadAhead)
+
+        def measure(m):
+            if self._closing or m.size is not None:
+                return None
+            d = self.factory.store.getContent(self.user, MAILDROP, m.uid)
+
+            def gone(failure):
                 # Removed meanwhile (by an IMAP EXPUNGE); report what we had.
+                failure.trap(KeyError)
                 m.size = m.storedSize
-                continue
-            self._setSize(m, content)
-            if self._closing:
-                return
+
+            return d.addCallbacks(lambda content: self._setSize(m, content), gone)
+
+        return defer.gatherResults(
+            [semaphore.run(measure, m) for m in missing], consumeErrors=True
+        ).addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
 
     def _setSize(self, m, content):
         m.size = wire.normalisedSize(content)
@@ -693,8 +908,27 @@ class POP3Server(protocol.Protocol):
 
     # --- RETR / TOP -------------------------------------------------------------
 
-    def _content(self, m):
-        d = self.factory.store.getContent(self.user, MAILDROP, m.uid)
+    #: After two RETRs of consecutive messages, the content of this many
+    #: following messages is read before the client asks for it, so the
+    #: store's latency overlaps with sending.  Only messages up to
+    #: L{readAheadMaxSize} octets are read ahead (memory stays bounded).
+    readAhead = 8
+    readAheadMaxSize = 256 * 1024
+
+    def _content(self, m, number=None):
+        ahead = self._prefetched.pop(number, None) if number is not None else None
+        if ahead is not None and ahead[0] == m.uid:
+            d = defer.Deferred()
+
+            def deliver(result):
+                if isinstance(result, _Failed):
+                    d.errback(result.failure)
+                else:
+                    d.callback(result)
+
+            ahead[1].addCallback(deliver)
+        else:
+            d = self.factory.store.getContent(self.user, MAILDROP, m.uid)
 
         def gone(failure):
             failure.trap(KeyError)
@@ -711,23 +945,103 @@ class POP3Server(protocol.Protocol):
 
         return self._streamer.start().addBoth(done)
 
+    def _send(self, status, content, encode):
+        """Write C{status} and the encoded C{content}: at once when small, else streamed."""
+        if len(content) <= wire.CHUNK_SIZE:
+            self._write(b"".join([status, *encode([content])]))
+            return None
+        self._write(status)
+        return self._stream(encode(wire.iterChunks(content)))
+
+    def _readAheadFrom(self, number):
+        """Start reading the messages after C{number}; forget those before it."""
+        for k in [k for k in self._prefetched if k <= number]:
+            del self._prefetched[k]
+        for k in range(number + 1, min(number + self.readAhead, len(self._messages)) + 1):
+            m = self._messages[k - 1]
+            if k in self._prefetched or m.deleted or m.storedSize > self.readAheadMaxSize:
+                continue
+            d = self.factory.store.getContent(self.user, MAILDROP, m.uid)
+            # Kept as a value: nobody may ever ask for it.
+            d.addErrback(_Failed)
+            self._prefetched[k] = (m.uid, d)
+
     def do_RETR(self, arg):
         number, m = self._number(arg)
+        sequential = number == self._lastRetrieved + 1
+        self._lastRetrieved = number
+        d = self._content(m, number)
+        if sequential and self.readAhead:
+            self._readAheadFrom(number)
 
         def send(content):
             if self._closing:
                 return None
             self._setSize(m, content)
-            self._write(wire.ok(f"{m.size} octets"))
-            return self._stream(wire.encodeMessage(wire.iterChunks(content))).addCallback(lambda _: seen())
+            d = self._send(wire.ok(f"{m.size} octets"), content, wire.encodeMessage)
+            if d is None:
+                self._seen(m.uid)
+                return None
+            return d.addCallback(lambda _: self._seen(m.uid))
 
-        def seen():
-            d = self.factory.store.storeFlags(self.user, MAILDROP, [m.uid], "add", ["\\Seen"])
-            # The message was sent; failing to record \Seen is not the client's problem.
-            d.addErrback(lambda f: _log.failure("POP3 could not set \\Seen for {user}", f, user=self.user))
-            return d
+        return d.addCallback(send)
 
-        return self._content(m).addCallback(send)
+    # --- \Seen, batched ----------------------------------------------------------
+
+    #: Retrieved messages get C{\\Seen} at most this many seconds later,
+    #: or at once when L{seenBatch} of them are waiting.
+    seenDelay = 1.0
+    seenBatch = 256
+
+    def _seen(self, uid):
+        """Record that C{uid} was retrieved; the flag is written in the background."""
+        self._seenPending.append(uid)
+        if len(self._seenPending) >= self.seenBatch:
+            self._pumpSeen()
+        elif self._seenTimer is None:
+            self._seenTimer = self._reactor.callLater(self.seenDelay, self._seenTimerFired)
+
+    def _seenTimerFired(self):
+        self._seenTimer = None
+        self._pumpSeen()
+
+    def _flushSeen(self):
+        """
+        Write every pending C{\\Seen} flag now; fires when done (or failed:
+        the message was sent, so a lost flag is logged, not reported).
+        """
+        if self._seenTimer is not None:
+            if self._seenTimer.active():
+                self._seenTimer.cancel()
+            self._seenTimer = None
+        waiter = defer.Deferred()
+        self._seenWaiters.append(waiter)
+        self._pumpSeen()
+        return waiter
+
+    def _pumpSeen(self):
+        if self._seenBusy:
+            return
+        if not self._seenPending or self.user is None:
+            self._seenPending = []
+            waiters, self._seenWaiters = self._seenWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        self._seenBusy = True
+        uids, self._seenPending = self._seenPending, []
+        user = self.user
+        d = self.factory.store.storeFlags(user, MAILDROP, uids, "add", ["\\Seen"])
+        d.addErrback(lambda f: _log.failure("POP3 could not set \\Seen for {user}", f, user=user))
+
+        def done(_):
+            self._seenBusy = False
+            if self._seenWaiters or not self._seenPending or len(self._seenPending) >= self.seenBatch:
+                self._pumpSeen()
+            elif self._seenTimer is None and self._connected:
+                self._seenTimer = self._reactor.callLater(self.seenDelay, self._seenTimerFired)
+
+        d.addCallback(done)
 
     def do_TOP(self, arg, lines):
         number, m = self._number(arg)
@@ -739,8 +1053,7 @@ class POP3Server(protocol.Protocol):
         def send(content):
             if self._closing:
                 return None
-            self._write(wire.ok("Top of message follows"))
-            return self._stream(wire.encodeTop(content, count))
+            return self._send(wire.ok("Top of message follows"), wire.topOf(content, count), wire.encodeMessage)
 
         return self._content(m).addCallback(send)
 
@@ -757,6 +1070,7 @@ class POP3Server(protocol.Protocol):
         if m.deleted:
             raise _ClientError(f"Message {number} already deleted")
         m.deleted = True
+        self._prefetched.pop(number, None)
         self._write(wire.ok(f"Message {number} deleted"))
 
     def do_RSET(self):
@@ -773,7 +1087,8 @@ class POP3Server(protocol.Protocol):
             return None
         self.state = UPDATE
         uids = [m.uid for m in self._messages if m.deleted]
-        d = self._update(uids)
+        d = self._flushSeen()
+        d.addCallback(lambda _: self._update(uids))
 
         def finished(reply):
             self._write(reply)
@@ -819,6 +1134,12 @@ class POP3Factory(protocol.Factory):
     @param reactor: the reactor (for the clock); the global one by default.
     @param idleTimeout: seconds of inactivity before autologout (RFC 1939
         asks for at least 10 minutes); 0 or C{None} disables it.
+    @param apop: C{None} (the default) offers APOP exactly when a checker of
+        C{portal} accepts C{IUsernameHashedPassword}; C{False} never offers
+        it.  C{True} is the same as C{None}: APOP cannot work without such a
+        checker.
+    @param loginDelay: RFC 2449 LOGIN-DELAY: the least number of seconds
+        between two logins of one account (per process); 0 disables it.
     """
 
     protocol = POP3Server
@@ -829,6 +1150,8 @@ class POP3Factory(protocol.Factory):
     maxAuthFailureDelay = 16.0
     #: Failed logins after which the session is closed.
     maxAuthFailures = 10
+    #: Invalid commands in a row after which the session is closed (0: never).
+    maxBadCommands = 20
 
     def __init__(
         self,
@@ -842,6 +1165,8 @@ class POP3Factory(protocol.Factory):
         metrics=None,
         reactor=None,
         idleTimeout=600,
+        apop=None,
+        loginDelay=0,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -854,8 +1179,20 @@ class POP3Factory(protocol.Factory):
         self.metrics = metrics
         self.reactor = reactor
         self.idleTimeout = idleTimeout
+        self.apop = apop
+        self.loginDelay = int(loginDelay or 0)
         self.locks = locksFor(store)
         self.sizes = _SizeCache()
+
+    def apopAvailable(self) -> bool:
+        """Whether APOP can be checked: see the C{apop} parameter."""
+        if self.apop is False:
+            return False
+        try:
+            interfaces = self.portal.listCredentialsInterfaces()
+        except AttributeError:
+            return False
+        return IUsernameHashedPassword in interfaces
 
     def buildProtocol(self, addr):
         return self.protocol(self)

@@ -2,8 +2,8 @@
 The POP3 wire format, sans-IO: command lines in, responses out.
 
 Implements the syntax parts of RFC 1939 (POP3), RFC 2449 (CAPA, RESP-CODES,
-command line length), RFC 2595 section 4 (STLS) and RFC 5034 (AUTH with
-initial response and base64 continuation lines).  Nothing here does I/O or
+command line length), RFC 2595 section 4 (STLS), RFC 5034 (AUTH with
+initial response and base64 continuation lines) and RFC 6856 (UTF8, LANG).  Nothing here does I/O or
 keeps session state; L{mailplat.pop3.server} drives it.
 
 Command lines (L{LineBuffer}, L{parseCommand})
@@ -179,7 +179,7 @@ class Command:
 COMMANDS = {
     "USER": (1, 1),
     "PASS": None,
-    "APOP": (0, 2),
+    "APOP": (2, 2),
     "AUTH": (0, 2),
     "STAT": (0, 0),
     "LIST": (0, 1),
@@ -192,6 +192,8 @@ COMMANDS = {
     "QUIT": (0, 0),
     "CAPA": (0, 0),
     "STLS": (0, 0),
+    "UTF8": (0, 0),
+    "LANG": (0, 1),
 }
 
 
@@ -204,7 +206,7 @@ def parseCommand(line: bytes) -> Command:
     keyword, sep, rest = line.partition(b" ")
     if not keyword:
         raise CommandError("Empty command" if not line else "Command must not start with a space")
-    if not keyword.isalpha() or len(keyword) > 8:
+    if not (keyword.isalnum() and keyword[:1].isalpha()) or len(keyword) > 8:
         raise CommandError("Unknown command")
     name = keyword.decode("ascii").upper()
     spec = COMMANDS.get(name, False)
