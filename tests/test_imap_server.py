@@ -596,6 +596,8 @@ class DelayedStore:
         self._clock = clock
 
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         method = getattr(self._inner, name)
         if name == "addListener":
             return method

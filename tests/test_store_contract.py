@@ -17,8 +17,13 @@ from mailplat.interfaces.storage import (
     InvalidMailboxName,
     MailboxExists,
     MailboxNotEmpty,
+    IContentStore,
+    IQuotaStore,
+    ISearchIndex,
+    IVanishedStore,
     NoSuchAccount,
     NoSuchMailbox,
+    QuotaExceeded,
 )
 from mailplat.store.sqlite import SQLiteStore
 from mailplat.testing import MemoryStore
@@ -246,6 +251,126 @@ class StoreContractMixin:
         remove()
         yield self.store.append(self.user, "INBOX", MSG)
         self.assertEqual(len(events), 3)
+
+
+    # --- optional interfaces: every built-in store provides them all -----
+
+    def test_optionalInterfaces(self):
+        for iface in (ISearchIndex, IQuotaStore, IVanishedStore, IContentStore):
+            verifyObject(iface, self.store)
+
+    @defer.inlineCallbacks
+    def _searchCorpus(self):
+        msgs = [
+            (b"From: Zed <zed@example.org>\r\nTo: b@example.org\r\nSubject: =?utf-8?q?Caf=C3=A9?= menu\r\n"
+             b"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <m1@x>\r\nX-Tag: Blue\r\n\r\nSoup of the day\r\n", ["$MDNSent"], 1000.0),
+            (b"From: amy@example.org\r\nSubject: Re: Cafe menu\r\nDate: Tue, 2 Jan 2024 10:00:00 +0000\r\n"
+             b"References: <m1@x>\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+             b"w6lsw6lwaGFudA==\r\n", ["\\Seen"], 200000.0),
+            (b"From: bob@example.org\r\nSubject: other\r\n\r\n" + b"x" * 5000 + b"\r\n", [], 300000.0),
+        ]
+        for raw, flags, date in msgs:
+            yield self.store.append(self.user, "INBOX", raw, flags=flags, internalDate=date)
+
+    @defer.inlineCallbacks
+    def test_searchIndex(self):
+        import datetime
+
+        yield self._searchCorpus()
+        s = lambda q: self.store.search(self.user, "INBOX", q)
+        self.assertEqual((yield s(("all",))), [1, 2, 3])
+        self.assertEqual((yield s(("header", "subject", "café"))), [1])
+        self.assertEqual((yield s(("header", "subject", "menu"))), [1, 2])
+        self.assertEqual((yield s(("header", "from", "zed"))), [1])
+        self.assertEqual((yield s(("header", "x-tag", "blue"))), [1])
+        self.assertEqual((yield s(("header", "x-tag", ""))), [1])
+        self.assertEqual((yield s(("header", "references", "m1@x"))), [2])
+        self.assertEqual((yield s(("body", "soup"))), [1])
+        self.assertEqual((yield s(("body", "éléphant"))), [2])
+        self.assertEqual((yield s(("body", "el"))), [])
+        self.assertEqual((yield s(("text", "amy@"))), [2])
+        self.assertEqual((yield s(("flag", "$mdnsent", True))), [1])
+        self.assertEqual((yield s(("flag", "\\seen", False))), [1, 3])
+        self.assertEqual((yield s(("larger", 1000))), [3])
+        self.assertEqual((yield s(("smaller", 1000))), [1, 2])
+        self.assertEqual((yield s(("or", ("uids", frozenset({1})), ("not", ("smaller", 1000))))), [1, 3])
+        self.assertEqual((yield s(("and", (("uids", frozenset(range(1, 1000, 2))), ("all",))))), [1, 3])
+        day = datetime.date(2024, 1, 2)
+        self.assertEqual((yield s(("date", "on", day, True))), [2])
+        self.assertEqual((yield s(("date", "before", day, True))), [1])
+        self.assertEqual((yield s(("date", "since", datetime.date(1970, 1, 3), False))), [2, 3])
+        self.assertEqual((yield s(("date", "on", datetime.date(1970, 1, 1), False))), [1])
+        meta = yield self.store.fetchMeta(self.user, "INBOX", [3])
+        self.assertEqual((yield s(("modseq", meta[0].modseq))), [3])
+
+    @defer.inlineCallbacks
+    def test_indexData(self):
+        yield self._searchCorpus()
+        data = yield self.store.indexData(self.user, "INBOX", [1, 2])
+        self.assertEqual(sorted(data), [1, 2])
+        self.assertEqual(data[1]["sortSubject"], "CAFÉ MENU")
+        self.assertEqual(data[2]["sortSubject"], "CAFE MENU")
+        self.assertTrue(data[2]["isReply"])
+        self.assertEqual(data[1]["sortFrom"], "ZED")
+        self.assertEqual(data[1]["displayFrom"], "ZED")
+        self.assertEqual(data[1]["messageId"], "<m1@x>")
+        self.assertEqual(data[2]["references"], ["<m1@x>"])
+        self.assertEqual(data[1]["internalDate"], 1000.0)
+        self.assertIsNone(data[2]["messageId"])
+        # copies keep their index
+        _, mapping = yield self.store.copy(self.user, "INBOX", [1], "Archive")
+        copied = yield self.store.indexData(self.user, "Archive")
+        self.assertEqual(copied[mapping[0][1]]["sortSubject"], "CAFÉ MENU")
+        self.assertEqual((yield self.store.search(self.user, "Archive", ("body", "soup"))), [1])
+
+    @defer.inlineCallbacks
+    def test_quota(self):
+        q = yield self.store.getQuota(self.user)
+        self.assertEqual((q.storageUsed, q.storageLimit, q.messagesUsed, q.messagesLimit), (0, None, 0, None))
+        yield self.store.append(self.user, "INBOX", MSG)
+        q = yield self.store.setQuota(self.user, storage=len(MSG) * 2, messages=10)
+        self.assertEqual((q.storageUsed, q.storageLimit, q.messagesUsed), (len(MSG), len(MSG) * 2, 1))
+        yield self.store.append(self.user, "Sent", MSG)
+        yield self.assertFailure(self.store.append(self.user, "INBOX", MSG), QuotaExceeded)
+        yield self.assertFailure(self.store.copy(self.user, "INBOX", [1], "Archive"), QuotaExceeded)
+        yield self.store.copy(self.user, "INBOX", [1], "Archive", move=True)
+        yield self.store.setQuota(self.user)
+        yield self.store.append(self.user, "INBOX", MSG)
+
+    @defer.inlineCallbacks
+    def test_vanishedAndOpenContent(self):
+        for _ in range(3):
+            yield self.store.append(self.user, "INBOX", MSG)
+        info = yield self.store.getMailbox(self.user, "INBOX")
+        f = yield self.store.openContent(self.user, "INBOX", 2)
+        yield self.store.storeFlags(self.user, "INBOX", [1, 2], "add", ["\\Deleted"])
+        yield self.store.expunge(self.user, "INBOX")
+        try:
+            self.assertEqual(f.read(), MSG)
+        finally:
+            f.close()
+        self.assertEqual((yield self.store.vanishedSince(self.user, "INBOX", info.highestModseq)), [1, 2])
+        yield self.store.copy(self.user, "INBOX", [3], "Archive", move=True)
+        self.assertEqual((yield self.store.vanishedSince(self.user, "INBOX", info.highestModseq)), [1, 2, 3])
+        self.assertEqual((yield self.store.vanishedSince(self.user, "INBOX", 10**9)), [])
+        yield self.assertFailure(self.store.openContent(self.user, "INBOX", 99), KeyError)
+
+    @defer.inlineCallbacks
+    def test_eventDetail(self):
+        events = []
+        self.store.addListener(self.user, events.append)
+        _, uid = yield self.store.append(self.user, "INBOX", MSG, flags=["$x"], internalDate=5.0)
+        yield self.store.storeFlags(self.user, "INBOX", [uid], "add", ["\\Seen"])
+        yield self.store.createMailbox(self.user, "A")
+        yield self.store.createMailbox(self.user, "A/B")
+        yield self.store.renameMailbox(self.user, "A", "C")
+        append, flags = events[0], events[1]
+        self.assertEqual(append.metas[0].uid, uid)
+        self.assertEqual(append.metas[0].flags, frozenset({"$x"}))
+        self.assertEqual(append.metas[0].size, len(MSG))
+        self.assertEqual(flags.changes[0].flags, frozenset({"$x", "\\Seen"}))
+        renames = sorted((e.mailbox, e.newName) for e in events if e.kind == "rename")
+        self.assertEqual(renames, [("A", "C"), ("A/B", "C/B")])
 
 
 class MemoryStoreContractTests(StoreContractMixin, unittest.TestCase):

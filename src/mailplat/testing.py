@@ -28,7 +28,13 @@ from mailplat.interfaces.storage import (
     DEFAULT_MAILBOXES,
     AccountExists,
     FlagChange,
+    IContentStore,
     IMessageStore,
+    IQuotaStore,
+    ISearchIndex,
+    IVanishedStore,
+    Quota,
+    QuotaExceeded,
     InvalidMailboxName,
     MailboxEvent,
     MailboxExists,
@@ -76,6 +82,7 @@ class _Message:
     modseq: int
     structure: dict | None
     deliveryId: str | None = None
+    index: dict | None = None
 
 
 @dataclass
@@ -87,6 +94,7 @@ class _Mailbox:
     highestModseq: int = 1
     messages: dict = field(default_factory=dict)
     recent: set = field(default_factory=set)
+    vanished: dict = field(default_factory=dict)  # uid -> modseq of its expunge
 
     def info(self, subscribed):
         msgs = self.messages.values()
@@ -110,13 +118,81 @@ def _analyze(content: bytes):
     return analyze(content)
 
 
-@implementer(IMessageStore)
+def _index(content: bytes, structure: dict) -> dict:
+    from mailplat.mime.structure import bodyText, headerText, indexFields
+
+    index = indexFields(structure)
+    index["_headers"] = headerText(structure)
+    index["_body"] = bodyText(content, structure)
+    return index
+
+
+def _day(seconds: float):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).date()
+
+
+def matchesIndex(query, m: "_Message") -> bool:
+    """Evaluate an L{ISearchIndex} query tree against one message (the reference semantics)."""
+    import datetime
+
+    kind = query[0]
+    if kind == "all":
+        return True
+    if kind == "and":
+        return all(matchesIndex(q, m) for q in query[1])
+    if kind == "or":
+        return matchesIndex(query[1], m) or matchesIndex(query[2], m)
+    if kind == "not":
+        return not matchesIndex(query[1], m)
+    if kind == "uids":
+        return m.uid in query[1]
+    if kind == "flag":
+        lowered = query[1].lower()
+        return any(f.lower() == lowered for f in m.flags) == query[2]
+    if kind == "larger":
+        return len(m.content) > query[1]
+    if kind == "smaller":
+        return len(m.content) < query[1]
+    if kind == "modseq":
+        return m.modseq >= query[1]
+    index = m.index
+    if kind == "header":
+        name, needle = query[1], query[2]
+        prefix = name + ": "
+        for line in index["_headers"].split("\n"):
+            if line.startswith(prefix) and (not needle or needle in line[len(prefix):]):
+                return True
+        return False
+    if kind == "body":
+        return query[1] in index["_body"]
+    if kind == "text":
+        return query[1] in index["_headers"] or query[1] in index["_body"]
+    if kind == "date":
+        _, which, date, sent = query
+        if sent:
+            if index["sentDay"] is None:
+                return False
+            day = datetime.date.fromordinal(index["sentDay"])
+        else:
+            day = _day(m.internalDate)
+        if which == "before":
+            return day < date
+        if which == "on":
+            return day == date
+        return day >= date
+    raise ValueError(f"unknown query {kind!r}")
+
+
+@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore)
 class MemoryStore:
     """An L{IMessageStore} in memory.  Listeners are called synchronously."""
 
     def __init__(self, clock=None):
         self._accounts: dict[str, dict[str, _Mailbox]] = {}
         self._subscriptions: dict[str, set] = {}
+        self._quotas: dict[str, tuple] = {}
         self._listeners = Listeners()
         self._clock = clock
 
@@ -140,8 +216,22 @@ class MemoryStore:
         except KeyError:
             raise NoSuchMailbox(f"no such mailbox: {name}")
 
-    def _emit(self, user, mailbox, kind, uids=()):
-        self._listeners.emit(MailboxEvent(user, mailbox, kind, tuple(uids)))
+    def _emit(self, user, mailbox, kind, uids=(), **kw):
+        self._listeners.emit(MailboxEvent(user, mailbox, kind, tuple(uids), **kw))
+
+    def _usage(self, user):
+        boxes = self._account(user).values()
+        return sum(len(m.content) for b in boxes for m in b.messages.values()), sum(len(b.messages) for b in boxes)
+
+    def _checkQuota(self, user, addBytes, addMessages):
+        storage, messages = self._quotas.get(user, (None, None))
+        if storage is None and messages is None:
+            return
+        usedBytes, usedMessages = self._usage(user)
+        if storage is not None and usedBytes + addBytes > storage:
+            raise QuotaExceeded("storage quota exceeded")
+        if messages is not None and usedMessages + addMessages > messages:
+            raise QuotaExceeded("message count quota exceeded")
 
     def _call(self, f, *a, **kw):
         try:
@@ -236,8 +326,17 @@ class MemoryStore:
                     )
                     moved.uidnext += 1
                 boxes[new] = moved
+                gone = sorted(box.messages)
+                if gone:
+                    box.highestModseq += 1
+                for u in gone:
+                    box.vanished[u] = box.highestModseq
                 box.messages.clear()
                 box.recent.clear()
+                if gone:
+                    self._emit(user, "INBOX", "expunge", gone)
+                self._emit(user, new, "create")
+                return
             old = box.name
             if old != "INBOX":
                 for name in sorted(boxes):
@@ -245,7 +344,7 @@ class MemoryStore:
                         child = boxes.pop(name)
                         child.name = new + name[len(old):]
                         boxes[child.name] = child
-            self._emit(user, old, "rename")
+                        self._emit(user, name, "rename", newName=child.name)
 
         return self._call(go)
 
@@ -273,20 +372,24 @@ class MemoryStore:
             else:
                 with open(source, "rb") as f:
                     content = f.read()
+            self._checkQuota(user, len(content), 1)
             uid = box.uidnext
             box.uidnext += 1
             box.highestModseq += 1
-            box.messages[uid] = _Message(
+            structure = _analyze(content)
+            m = box.messages[uid] = _Message(
                 uid,
                 content,
                 normaliseFlags(flags),
                 float(internalDate if internalDate is not None else self._now()),
                 box.highestModseq,
-                _analyze(content),
+                structure,
                 deliveryId,
+                _index(content, structure),
             )
             box.recent.add(uid)
-            self._emit(user, box.name, "append", [uid])
+            meta = MessageMeta(uid, m.flags, m.internalDate, len(content), m.modseq)
+            self._emit(user, box.name, "append", [uid], metas=(meta,))
             return (box.uidvalidity, uid)
 
         return self._call(go)
@@ -333,7 +436,9 @@ class MemoryStore:
                     changed.append(uid)
                 changes.append(FlagChange(uid, m.flags, m.modseq))
             if changed:
-                self._emit(user, box.name, "flags", changed)
+                self._emit(
+                    user, box.name, "flags", changed, changes=tuple(c for c in changes if c.uid in set(changed))
+                )
             return changes, failed
 
         return self._call(go)
@@ -343,11 +448,13 @@ class MemoryStore:
             box = self._mailbox(user, mailbox)
             candidates = box.messages if uids is None else set(uids) & set(box.messages)
             gone = sorted(u for u in candidates if "\\Deleted" in box.messages[u].flags)
+            if gone:
+                box.highestModseq += 1
             for u in gone:
                 del box.messages[u]
                 box.recent.discard(u)
+                box.vanished[u] = box.highestModseq
             if gone:
-                box.highestModseq += 1
                 self._emit(user, box.name, "expunge", gone)
             return gone
 
@@ -358,21 +465,29 @@ class MemoryStore:
             src = self._mailbox(user, mailbox)
             dst = self._mailbox(user, destination)
             mapping = []
-            for uid in sorted(set(uids) & set(src.messages)):
+            metas = []
+            chosen = sorted(set(uids) & set(src.messages))
+            if not move:
+                self._checkQuota(user, sum(len(src.messages[u].content) for u in chosen), len(chosen))
+            for uid in chosen:
                 m = src.messages[uid]
                 dst.highestModseq += 1
                 new = dst.uidnext
                 dst.uidnext += 1
-                dst.messages[new] = _Message(new, m.content, m.flags, m.internalDate, dst.highestModseq, m.structure)
+                dst.messages[new] = _Message(
+                    new, m.content, m.flags, m.internalDate, dst.highestModseq, m.structure, None, m.index
+                )
                 dst.recent.add(new)
                 mapping.append((uid, new))
+                metas.append(MessageMeta(new, m.flags, m.internalDate, len(m.content), dst.highestModseq))
             if mapping:
-                self._emit(user, dst.name, "append", [n for _, n in mapping])
+                self._emit(user, dst.name, "append", [n for _, n in mapping], metas=tuple(metas))
             if move and mapping:
+                src.highestModseq += 1
                 for uid, _ in mapping:
                     del src.messages[uid]
                     src.recent.discard(uid)
-                src.highestModseq += 1
+                    src.vanished[uid] = src.highestModseq
                 self._emit(user, src.name, "expunge", [u for u, _ in mapping])
             return dst.uidvalidity, mapping
 
@@ -389,6 +504,60 @@ class MemoryStore:
 
     def addListener(self, user, listener):
         return self._listeners.add(user, listener)
+
+    # --- optional interfaces -------------------------------------------
+
+    def search(self, user, mailbox, query):
+        def go():
+            box = self._mailbox(user, mailbox)
+            return [uid for uid, m in sorted(box.messages.items()) if matchesIndex(query, m)]
+
+        return self._call(go)
+
+    def indexData(self, user, mailbox, uids=None):
+        def go():
+            box = self._mailbox(user, mailbox)
+            wanted = sorted(box.messages) if uids is None else sorted(set(uids) & set(box.messages))
+            out = {}
+            for uid in wanted:
+                m = box.messages[uid]
+                entry = {k: v for k, v in m.index.items() if not k.startswith("_")}
+                entry["size"] = len(m.content)
+                entry["internalDate"] = m.internalDate
+                out[uid] = entry
+            return out
+
+        return self._call(go)
+
+    def getQuota(self, user):
+        def go():
+            storage, messages = self._quotas.get(user, (None, None))
+            usedBytes, usedMessages = self._usage(user)
+            return Quota(usedBytes, storage, usedMessages, messages)
+
+        return self._call(go)
+
+    def setQuota(self, user, storage=None, messages=None):
+        def go():
+            self._account(user)
+            self._quotas[user] = (storage, messages)
+
+        return self._call(go).addCallback(lambda _: self.getQuota(user))
+
+    def vanishedSince(self, user, mailbox, modseq):
+        def go():
+            box = self._mailbox(user, mailbox)
+            return sorted(u for u, m in box.vanished.items() if m > modseq)
+
+        return self._call(go)
+
+    def openContent(self, user, mailbox, uid):
+        import io
+
+        def go():
+            return io.BytesIO(self._mailbox(user, mailbox).messages[uid].content)
+
+        return self._call(go)
 
 
 @implementer(IQueueTransaction)

@@ -21,7 +21,40 @@ ENVELOPE, as RFC 3501 requires.
 from __future__ import annotations
 
 from mailplat.imap import wire
-from mailplat.mime.structure import STRUCTURE_VERSION, analyze, findPart
+from mailplat.mime.structure import STRUCTURE_VERSION, analyze, decodedBody, findPart
+
+#: Content-transfer-encodings BINARY (RFC 3516) can undo.
+KNOWN_ENCODINGS = ("7BIT", "8BIT", "BINARY", "BASE64", "QUOTED-PRINTABLE")
+
+
+class UnknownCTE(Exception):
+    """BINARY asked of a part whose content-transfer-encoding is unknown."""
+
+
+def binaryBytes(raw: bytes, structure: dict, part: tuple):
+    """
+    The octets of C{BINARY[part]}: the part's body with its
+    content-transfer-encoding undone (RFC 3516); the whole message for an
+    empty part; C{None} if the part does not exist.
+    """
+    if not part:
+        return raw
+    node = findPart(structure, part)
+    if node is None:
+        return None
+    if "parts" in node or ("body" in node and "envelope" in node):
+        hs, bs, end = node["offsets"]
+        return raw[bs:end]
+    if node.get("encoding", "7BIT") not in KNOWN_ENCODINGS:
+        raise UnknownCTE(node.get("encoding"))
+    return decodedBody(raw, node)
+
+
+def literal8(data: bytes) -> bytes:
+    """A literal, or a literal8 (C{~{n}}) when the octets hold NUL (RFC 3516)."""
+    if b"\x00" in data:
+        return b"~" + wire.literal(data)
+    return wire.literal(data)
 
 _NIL = b"NIL"
 
@@ -206,25 +239,60 @@ class FetchPlan:
             atts.insert(0, wire.FetchAtt("UID"))
         self.atts = atts
         names = {a.name for a in atts}
-        self.needsContent = bool(names & {"BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
+        self.needsContent = bool(
+            names & {"BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY[]", "BINARY.SIZE"}
+        )
         self.needsStructure = bool(
             names & {"ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.HEADER", "RFC822.TEXT"}
-        ) or any(a.name == "BODY[]" and (a.section.part or a.section.text) for a in atts)
+        ) or any(a.name in ("BODY[]", "BINARY[]", "BINARY.SIZE") and (a.section.part or a.section.text) for a in atts)
         self.setsSeen = not readOnly and any(
-            (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT") for a in atts
+            (a.name in ("BODY[]", "BINARY[]") and not a.peek) or a.name in ("RFC822", "RFC822.TEXT") for a in atts
         )
         self.wantsFlags = "FLAGS" in names
+        self.wantsModseq = "MODSEQ" in names
+        #: Only FLAGS, UID, INTERNALDATE, RFC822.SIZE, MODSEQ: answerable from metadata alone.
+        self.metaOnly = not (self.needsContent or self.needsStructure) and not (
+            names - {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"}
+        )
 
-    def items(self, seq, meta, flags, content, structure):
+    def addModseq(self):
+        """CONDSTORE: every FETCH response of this command carries MODSEQ (RFC 7162 3.1.4.1)."""
+        if not self.wantsModseq:
+            self.atts.append(wire.FetchAtt("MODSEQ"))
+            self.wantsModseq = True
+
+    def streamable(self, size: int, threshold: int):
+        """
+        The one attribute whose octets may be streamed from the message file
+        (a whole-message C{BODY[]}/C{RFC822} bigger than C{threshold},
+        without partial), or C{None}.
+        """
+        if size <= threshold:
+            return None
+        content = [a for a in self.atts if a.name in _CONTENT_ATTS]
+        if len(content) != 1:
+            return None
+        att = content[0]
+        if att.name == "RFC822" or (
+            att.name == "BODY[]" and not att.section.part and att.section.text is None and att.partial is None
+        ):
+            return att
+        return None
+
+    def items(self, seq, meta, flags, content, structure, streamAtt=None):
         """
         The C{(name, value)} pairs of one message.  C{flags} is the flag list
         to show (with C{\\Recent} when it applies); C{content} the raw bytes
         (when L{needsContent}); C{structure} the analysis (when needed).
+        The value of C{streamAtt} is left C{None}: the caller streams it.
         """
         out = []
         for att in self.atts:
             name = att.name
-            if name == "FLAGS":
+            if att is streamAtt:
+                # the session writes this one's literal from the file
+                out.append((att.responseName().encode("ascii"), None))
+            elif name == "FLAGS":
                 out.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
             elif name == "UID":
                 out.append((b"UID", b"%d" % meta.uid))
@@ -232,6 +300,16 @@ class FetchPlan:
                 out.append((b"INTERNALDATE", wire.formatDateTime(meta.internalDate)))
             elif name == "RFC822.SIZE":
                 out.append((b"RFC822.SIZE", b"%d" % meta.size))
+            elif name == "MODSEQ":
+                out.append((b"MODSEQ", b"(%d)" % meta.modseq))
+            elif name == "BINARY[]":
+                data = binaryBytes(content, structure, att.section.part)
+                data = partial(data if data is not None else b"", att.partial)
+                out.append((att.responseName().encode("ascii"), literal8(data)))
+            elif name == "BINARY.SIZE":
+                data = binaryBytes(content, structure, att.section.part)
+                out.append((att.responseName().encode("ascii"), b"%d" % len(data or b"")))
+
             elif name == "ENVELOPE":
                 out.append((b"ENVELOPE", formatEnvelope(structure["envelope"])))
             elif name == "BODYSTRUCTURE":
@@ -253,6 +331,10 @@ class FetchPlan:
                 data = partial(data, att.partial)
                 out.append((att.responseName().encode("ascii"), wire.literal(data)))
         return out
+
+
+#: Attributes that need the message octets.
+_CONTENT_ATTS = ("BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY[]", "BINARY.SIZE")
 
 
 def ensureStructure(structure, content):

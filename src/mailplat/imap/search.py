@@ -39,6 +39,14 @@ class Candidate:
     internalDate: float
     structure: Optional[dict] = None
     content: Optional[bytes] = None
+    modseq: int = 0
+    saved: tuple = ()
+    now: float = 0.0
+
+
+def walk(key):
+    """Every node of a key tree."""
+    return _walk(key)
 
 
 def _walk(key):
@@ -60,6 +68,54 @@ def needsStructure(key) -> bool:
 
 def needsContent(key) -> bool:
     return any(k[0] in ("body", "text") for k in _walk(key))
+
+
+def needsDates(key) -> bool:
+    """WITHIN (OLDER/YOUNGER) keys compare internal dates with the current time."""
+    return any(k[0] in ("older", "younger") for k in _walk(key))
+
+
+def toIndexQuery(key, uids, recent, saved, now, metas, maxSeq, maxUid):
+    """
+    A prepared key tree -> an L{ISearchIndex} query: sequence numbers,
+    C{$}, \\Recent (NEW, OLD, RECENT) and WITHIN are turned into UID sets
+    from the session's view (C{uids}, ascending, index = sequence number -
+    1; C{recent}; C{saved}; C{metas} by UID for WITHIN).
+    """
+    kind = key[0]
+    if kind == "and":
+        return ("and", tuple(toIndexQuery(k, uids, recent, saved, now, metas, maxSeq, maxUid) for k in key[1]))
+    if kind == "or":
+        return (
+            "or",
+            toIndexQuery(key[1], uids, recent, saved, now, metas, maxSeq, maxUid),
+            toIndexQuery(key[2], uids, recent, saved, now, metas, maxSeq, maxUid),
+        )
+    if kind == "not":
+        return ("not", toIndexQuery(key[1], uids, recent, saved, now, metas, maxSeq, maxUid))
+    if kind == "seq":
+        seqset = key[1]
+        if seqset.saved:
+            return ("uids", frozenset(saved))
+        return ("uids", frozenset(uids[s - 1] for s in seqset.select(range(1, maxSeq + 1), maxSeq)))
+    if kind == "uid":
+        if key[1].saved:
+            return ("uids", frozenset(saved))
+        return ("uids", frozenset(key[1].select(uids, maxUid)))
+    if kind == "recent":
+        return ("uids", frozenset(recent))
+    if kind == "old":
+        return ("not", ("uids", frozenset(recent)))
+    if kind == "new":
+        return ("and", (("uids", frozenset(recent)), ("flag", "\\Seen", False)))
+    if kind in ("older", "younger"):
+        limit = now - key[1]
+        if kind == "older":
+            return ("uids", frozenset(u for u, m in metas.items() if m.internalDate <= limit))
+        return ("uids", frozenset(u for u, m in metas.items() if m.internalDate > limit))
+    if kind == "keyword":
+        return ("flag", key[1], key[2])
+    return key
 
 
 def prepare(key, charset: Optional[str] = None):
@@ -218,9 +274,19 @@ def matches(key, msg: Candidate, maxSeq: int, maxUid: int) -> bool:
     if kind == "recent":
         return msg.recent
     if kind == "seq":
+        if key[1].saved:
+            return msg.uid in msg.saved
         return key[1].contains(msg.seq, maxSeq)
     if kind == "uid":
+        if key[1].saved:
+            return msg.uid in msg.saved
         return key[1].contains(msg.uid, maxUid)
+    if kind == "modseq":
+        return msg.modseq >= key[1]
+    if kind == "older":
+        return msg.internalDate <= msg.now - key[1]
+    if kind == "younger":
+        return msg.internalDate > msg.now - key[1]
     if kind == "larger":
         return msg.size > key[1]
     if kind == "smaller":

@@ -13,6 +13,17 @@ SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB (CHILDREN, RFC 3348; special-use
 attributes, RFC 6154), STATUS, APPEND, CHECK, CLOSE, UNSELECT (RFC 3691),
 EXPUNGE, SEARCH, FETCH, STORE, COPY and their UID forms, UID EXPUNGE and the
 APPENDUID/COPYUID response codes (UIDPLUS, RFC 4315), LITERAL+ (RFC 7888).
+Extensions: IDLE (RFC 2177), NAMESPACE (RFC 2342, personal namespace only),
+ID (RFC 2971), ENABLE (RFC 5161), MOVE (RFC 6851), CONDSTORE and QRESYNC
+(RFC 7162: MODSEQ, CHANGEDSINCE, UNCHANGEDSINCE/MODIFIED, SEARCH MODSEQ,
+SELECT (QRESYNC ...), VANISHED), CREATE-SPECIAL-USE (RFC 6154),
+LIST-EXTENDED (RFC 5258) and LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
+SEARCHRES (RFC 5182), WITHIN (RFC 5032), SORT and SORT=DISPLAY (RFC 5256,
+RFC 5957), THREAD=ORDEREDSUBJECT and THREAD=REFERENCES (RFC 5256),
+MULTIAPPEND (RFC 3502, all or nothing), BINARY (RFC 3516: BINARY[],
+BINARY.SIZE, literal8 in APPEND), UTF8=ACCEPT (RFC 6855), APPENDLIMIT
+(RFC 7889), QUOTA (RFC 9208, when the store provides IQuotaStore; SETQUOTA
+is refused: quotas are the administrator's), COMPRESS=DEFLATE (RFC 4978).
 Response codes follow RFC 5530.
 
 Behaviour worth knowing:
@@ -37,11 +48,18 @@ Behaviour worth knowing:
   - Reading is paused while a command runs and more than L{MAX_BUFFERED}
     octets wait unparsed.
 
-Not implemented yet: IDLE, CONDSTORE/QRESYNC (HIGHESTMODSEQ is reported in
-SELECT only), MOVE, NAMESPACE, ID, ENABLE, MULTIAPPEND, BINARY; a mailbox
-deleted or renamed by another session while selected is not announced (later
-commands answer NO); FETCH responses are written whole rather than through
-a producer.
+Also:
+  - SEARCH, SORT and THREAD are answered from the store's index
+    (L{ISearchIndex}) when it has one; otherwise messages are read.
+  - FETCH of metadata only is built from one store read and written in one
+    go; other FETCHes are written in chunks that wait for the transport
+    (a push producer), and a whole message above L{STREAM_THRESHOLD} is
+    streamed from its file (L{IContentStore}).
+  - IDLE sessions get other sessions' and deliveries' changes at once, from
+    the detail carried by store events (no store read per session);
+    \\Recent goes to the first session told (L{IMAPFactory.claimRecent}).
+  - A selected mailbox renamed by another session is followed under its
+    new name; one deleted ends the session with BYE.
 """
 
 from __future__ import annotations
@@ -49,25 +67,36 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import collections
 import dataclasses
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from zope.interface import implementer
 
 from mailplat import tls
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.imap import fetch as fetchmod
 from mailplat.imap import search as searchmod
+from mailplat.imap import thread as threadmod
 from mailplat.imap import wire
 from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import (
+    SPECIAL_USES,
     SYSTEM_FLAGS,
+    IContentStore,
+    IQuotaStore,
+    ISearchIndex,
+    IVanishedStore,
     InvalidMailboxName,
     MailboxExists,
     MailboxNotEmpty,
@@ -81,7 +110,20 @@ from mailplat.interfaces.storage import (
 _log = Logger()
 
 DELIMITER = "/"
-BASE_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "UNSELECT", "UIDPLUS", "CHILDREN", "SPECIAL-USE")
+BASE_CAPABILITIES = (
+    "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "CHILDREN",
+    "SPECIAL-USE", "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "MOVE", "CONDSTORE", "QRESYNC",
+    "ESEARCH", "SEARCHRES", "WITHIN", "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES",
+    "MULTIAPPEND", "BINARY", "UTF8=ACCEPT",
+)
+#: Capabilities ENABLE knows (RFC 5161).
+ENABLEABLE = ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT")
+#: Messages larger than this are streamed from their file with back-pressure.
+STREAM_THRESHOLD = 256 * 1024
+#: FETCH output is written in chunks of about this size.
+WRITE_CHUNK = 64 * 1024
+#: \Recent claims remembered per factory (see L{IMAPFactory.claimRecent}).
+MAX_RECENT_CLAIMS = 100000
 MAX_AUTH_FAILURES = 5
 MAX_BAD_COMMANDS = 20
 #: Unparsed input held while a command runs before reading is paused.
@@ -89,8 +131,14 @@ MAX_BUFFERED = 1024 * 1024
 
 _ANY = ("CAPABILITY", "NOOP", "LOGOUT")
 _NOT_AUTH = ("STARTTLS", "LOGIN", "AUTHENTICATE")
-_AUTH = ("SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND")
-_SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY")
+_ANY = _ANY + ("ID", "COMPRESS")
+_AUTH = (
+    "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND",
+    "NAMESPACE", "ENABLE", "IDLE", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",
+)
+_SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "SORT", "THREAD")
+#: Commands after which EXPUNGE may not be sent (RFC 3501 7.4.1); their UID forms may.
+_NO_EXPUNGE_AFTER = ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
 
 
 class _Reply(Exception):
@@ -115,6 +163,11 @@ class _Selected:
     pendingAppend: set = field(default_factory=set)
     pendingFlags: set = field(default_factory=set)
     pendingExpunge: set = field(default_factory=set)
+    appendMetas: dict = field(default_factory=dict)  # uid -> MessageMeta from events
+    flagChanges: dict = field(default_factory=dict)  # uid -> FlagChange from events
+    recentWon: set = field(default_factory=set)  # \Recent claimed for this session, not yet announced
+    gone: bool = False  # deleted by another session
+    saved: list = field(default_factory=list)  # SEARCHRES: the UIDs of $
 
     def seqOf(self, uid: int):
         i = bisect.bisect_left(self.uids, uid)
@@ -127,6 +180,23 @@ class _Selected:
         if uid in self.recent:
             out.append("\\Recent")
         return out
+
+
+@implementer(IPushProducer)
+class _WriteProducer:
+    """Tells a session when the transport's write buffer is full (FETCH back-pressure)."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def pauseProducing(self):
+        self._session._pauseWrites()
+
+    def resumeProducing(self):
+        self._session._resumeWrites()
+
+    def stopProducing(self):
+        self._session._resumeWrites()
 
 
 class IMAPServerProtocol(Protocol):
@@ -151,6 +221,51 @@ class IMAPServerProtocol(Protocol):
         self._authFailures = 0
         self._badCommands = 0
         self._closeAfterReply = None
+        self._enabled: set = set()
+        self._condstore = False
+        self._idling = False
+        self._flushLock = defer.DeferredLock()
+        self._flushQueued = False
+        self._deflate = None
+        self._inflate = None
+        self._writePaused = False
+        self._writeWaiters: list = []
+        self._producing = False
+
+    # --- write back-pressure (an IPushProducer for the transport) --------
+
+    def _pauseWrites(self):
+        self._writePaused = True
+
+    def _resumeWrites(self):
+        self._writePaused = False
+        waiters, self._writeWaiters = self._writeWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+    def _startProducing(self):
+        if not self._producing and not self._closed and hasattr(self.transport, "registerProducer"):
+            try:
+                self.transport.registerProducer(_WriteProducer(self), True)
+                self._producing = True
+            except RuntimeError:
+                pass
+
+    def _stopProducing(self):
+        if self._producing:
+            self._producing = False
+            if not self._closed:
+                self.transport.unregisterProducer()
+            self._resumeWrites()
+
+    def _drain(self):
+        """A Deferred that fires once the transport wants more data (at once if it does)."""
+        if not self._writePaused or self._closed:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._writeWaiters.append(d)
+        return d
 
     # --- connection -----------------------------------------------------
 
@@ -172,6 +287,15 @@ class IMAPServerProtocol(Protocol):
         if self._closed or self._state == "logout":
             return
         self._resetTimer()
+        if self._inflate is not None:
+            try:
+                data = self._inflate.decompress(data)
+            except zlib.error:
+                _log.info("IMAP COMPRESS stream corrupt; closing")
+                self._inflate = None
+                self._deflate = None
+                self.transport.loseConnection()
+                return
         self._parser.feed(data)
         self._pump()
 
@@ -183,6 +307,7 @@ class IMAPServerProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         self._endLogin()
+        self._resumeWrites()
         if self._lineWaiter is not None:
             waiter, self._lineWaiter = self._lineWaiter, None
             waiter.callback(None)
@@ -201,7 +326,9 @@ class IMAPServerProtocol(Protocol):
                 _log.failure("avatar logout failed")
 
     def _send(self, data: bytes):
-        if not self._closed and self.transport is not None:
+        if not self._closed and self.transport is not None and data:
+            if self._deflate is not None:
+                data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
             self.transport.write(data)
 
     def _close(self):
@@ -222,7 +349,7 @@ class IMAPServerProtocol(Protocol):
         self._timer = None
         if self._closed:
             return
-        if self._busy and self._lineWaiter is None:
+        if self._busy and self._lineWaiter is None and not self._idling:
             # A slow command is not idleness: wait for it to finish.
             self._resetTimer()
             return
@@ -243,6 +370,11 @@ class IMAPServerProtocol(Protocol):
 
     def _capabilities(self) -> bytes:
         caps = list(BASE_CAPABILITIES)
+        caps.append(f"APPENDLIMIT={self.factory.maxLiteralSize}")
+        if self._deflate is None:
+            caps.append("COMPRESS=DEFLATE")
+        if IQuotaStore.providedBy(self.factory.store):
+            caps += ["QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE"]
         if self._state == "notauth":
             if self.factory.tlsContextFactory is not None and not self._secure():
                 caps.append("STARTTLS")
@@ -338,7 +470,7 @@ class IMAPServerProtocol(Protocol):
             return
         status, text = result
         try:
-            allowExpunge = cmd.uid or name not in ("FETCH", "STORE", "SEARCH")
+            allowExpunge = cmd.uid or name not in _NO_EXPUNGE_AFTER
             await self._flushUpdates(allowExpunge)
         except Exception:
             _log.failure("IMAP mailbox update failed")
@@ -346,6 +478,10 @@ class IMAPServerProtocol(Protocol):
         if self._closeAfterReply is not None:
             self._send(self._closeAfterReply)
             self._close()
+        after = getattr(self, "_afterReply", None)
+        if after is not None:
+            self._afterReply = None
+            after()
 
     def _storeError(self, e: StoreError, cmd):
         _log.info("IMAP {name} refused by the store: {error}", name=cmd.name, error=str(e))
@@ -476,10 +612,146 @@ class IMAPServerProtocol(Protocol):
 
     # --- authenticated --------------------------------------------------
 
+    # --- extensions in any state ------------------------------------------
+
+    async def cmd_ID(self, cmd):
+        params = cmd.args["params"]
+        if params:
+            _log.info("IMAP client ID {params}", params=params)
+        info = (("name", "mailplat"), ("vendor", "mailplat"), ("support-url", "https://mailplat.example/"))
+        self._send(b"* ID (" + b" ".join(wire.string(k) + b" " + wire.string(v) for k, v in info[:2]) + b")\r\n")
+        return ("OK", "ID completed")
+
+    async def cmd_COMPRESS(self, cmd):
+        if cmd.args["mechanism"] != "DEFLATE":
+            return ("BAD", "Unknown compression mechanism")
+        if self._deflate is not None:
+            return ("NO", "[COMPRESSIONACTIVE] Compression is already active")
+        self._send(cmd.tag.encode("ascii") + b" OK DEFLATE active\r\n")
+        self._deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
+        # What the client pipelined after COMPRESS is already compressed.
+        pending = self._parser.takeBuffered() if hasattr(self._parser, "takeBuffered") else b""
+        if pending:
+            try:
+                self._parser.feed(self._inflate.decompress(pending))
+            except zlib.error:
+                self.transport.loseConnection()
+        return None
+
+    # --- authenticated --------------------------------------------------
+
+    async def cmd_NAMESPACE(self, cmd):
+        self._send(b'* NAMESPACE (("" "/")) NIL NIL\r\n')
+        return ("OK", "NAMESPACE completed")
+
+    async def cmd_ENABLE(self, cmd):
+        newly = []
+        for cap in cmd.args["capabilities"]:
+            if cap in ENABLEABLE and cap not in self._enabled:
+                self._enabled.add(cap)
+                newly.append(cap)
+            if cap == "QRESYNC" and "CONDSTORE" not in self._enabled:
+                self._enabled.add("CONDSTORE")
+        if "CONDSTORE" in self._enabled:
+            self._enableCondstore()
+        self._send(b"* ENABLED" + b"".join(b" " + c.encode("ascii") for c in newly) + b"\r\n")
+        return ("OK", "ENABLE completed")
+
+    def _enableCondstore(self):
+        self._condstore = True
+
+    @property
+    def _qresync(self) -> bool:
+        return "QRESYNC" in self._enabled
+
+    @property
+    def _utf8(self) -> bool:
+        return "UTF8=ACCEPT" in self._enabled
+
+    def _mbox(self, name: str) -> bytes:
+        """A mailbox name for a response: modified UTF-7, or UTF-8 once UTF8=ACCEPT is enabled."""
+        if self._utf8:
+            return wire.quoted(name.encode("utf-8")) if "\r" not in name and "\n" not in name else wire.string(name)
+        return _mailboxName(name)
+
+    async def cmd_IDLE(self, cmd):
+        self._send(b"+ idling\r\n")
+        self._idling = True
+        try:
+            self._scheduleFlush()
+            while True:
+                event = await self._readLine()
+                if event is None or self._closed:
+                    return None
+                if isinstance(event, wire.RawLine) and event.line.strip().upper() == b"DONE":
+                    break
+                return ("BAD", "Expected DONE")
+        finally:
+            self._idling = False
+        return ("OK", "IDLE terminated")
+
+    def _scheduleFlush(self):
+        """Announce pending changes now (while idling), one flush at a time."""
+        if self._flushQueued or self._closed:
+            return
+        self._flushQueued = True
+
+        def run(_=None):
+            self._flushQueued = False
+            if not self._idling or self._closed:
+                return None
+            return defer.ensureDeferred(self._flushUpdates(True))
+
+        d = self._flushLock.acquire()
+        d.addCallback(lambda lock: lock.release())
+        d.addCallback(run)
+        d.addErrback(lambda f: _log.failure("IMAP IDLE update failed", f))
+
+    async def cmd_GETQUOTAROOT(self, cmd):
+        store = self.factory.store
+        info = await store.getMailbox(self._user, cmd.args["mailbox"])
+        if not IQuotaStore.providedBy(store):
+            self._send(b"* QUOTAROOT " + self._mbox(info.name) + b"\r\n")
+            return ("OK", "GETQUOTAROOT completed")
+        quota = await store.getQuota(self._user)
+        self._send(b"* QUOTAROOT " + self._mbox(info.name) + b' ""\r\n' + self._quotaLine(quota))
+        return ("OK", "GETQUOTAROOT completed")
+
+    async def cmd_GETQUOTA(self, cmd):
+        store = self.factory.store
+        if cmd.args["root"] != "" or not IQuotaStore.providedBy(store):
+            return ("NO", "[NONEXISTENT] No such quota root")
+        quota = await store.getQuota(self._user)
+        self._send(self._quotaLine(quota))
+        return ("OK", "GETQUOTA completed")
+
+    async def cmd_SETQUOTA(self, cmd):
+        if cmd.args["root"] != "" or not IQuotaStore.providedBy(self.factory.store):
+            return ("NO", "[NONEXISTENT] No such quota root")
+        return ("NO", "[NOPERM] Quotas are set by the administrator")
+
+    @staticmethod
+    def _quotaLine(quota) -> bytes:
+        items = []
+        if quota.storageLimit is not None:
+            items.append(b"STORAGE %d %d" % ((quota.storageUsed + 1023) // 1024, quota.storageLimit // 1024))
+        if quota.messagesLimit is not None:
+            items.append(b"MESSAGE %d %d" % (quota.messagesUsed, quota.messagesLimit))
+        return b'* QUOTA "" (' + b" ".join(items) + b")\r\n"
+
     async def cmd_SELECT(self, cmd, readOnly=False):
+        hadSelected = self._selected is not None
         self._selected = None
         self._state = "auth"
+        if hadSelected and (self._condstore or self._qresync):
+            self._send(b"* OK [CLOSED] Previous mailbox closed\r\n")
         store = self.factory.store
+        qresync = cmd.args.get("qresync")
+        if qresync is not None and not self._qresync:
+            return ("BAD", "QRESYNC is not enabled")
+        if "CONDSTORE" in cmd.args.get("params", ()):
+            self._enableCondstore()
         info = await store.getMailbox(self._user, cmd.args["mailbox"])
         sel = _Selected(info.name, readOnly, info.uidvalidity)
         self._selected = sel
@@ -498,10 +770,16 @@ class IMAPServerProtocol(Protocol):
         unseen = None
         highest = info.highestModseq
         for i, m in enumerate(metas):
-            keywords.update(f for f in m.flags if not f.startswith("\\"))
-            if unseen is None and "\\Seen" not in m.flags:
+            if m.flags:
+                for f in m.flags:
+                    if f[0] != "\\":
+                        keywords.add(f)
+                if unseen is None and "\\Seen" not in m.flags:
+                    unseen = i + 1
+            elif unseen is None:
                 unseen = i + 1
-            highest = max(highest, m.modseq)
+            if m.modseq > highest:
+                highest = m.modseq
         flags = " ".join(list(SYSTEM_FLAGS) + sorted(keywords))
         uidnext = max(info.uidnext, (sel.uids[-1] + 1) if sel.uids else 1)
         out = [
@@ -519,13 +797,45 @@ class IMAPServerProtocol(Protocol):
         ]
         self._send("".join(line + "\r\n" for line in out).encode("utf-8"))
         self._state = "selected"
+        if qresync is not None and qresync["uidvalidity"] == info.uidvalidity:
+            await self._qresyncSelect(sel, qresync)
         mode = "READ-ONLY" if readOnly else "READ-WRITE"
         return ("OK", f"[{mode}] {cmd.name} completed")
+
+    async def _qresyncSelect(self, sel, q):
+        """The VANISHED (EARLIER) and FETCH responses of SELECT ... (QRESYNC ...) (RFC 7162 3.2.5)."""
+        store = self.factory.store
+        modseq = q["modseq"]
+        largest = sel.uids[-1] if sel.uids else 0
+        known = q["known"]
+        if IVanishedStore.providedBy(store):
+            vanished = await store.vanishedSince(self._user, sel.name, modseq)
+            if known is not None:
+                vanished = [u for u in vanished if known.contains(u, max(largest, vanished[-1] if vanished else 0))]
+        elif known is not None:
+            present = set(sel.uids)
+            vanished = [u for u in known.iterate(max(largest, known.maximum(largest))) if u not in present]
+        else:
+            vanished = []
+        if vanished:
+            self._send(b"* VANISHED (EARLIER) " + wire.formatSequenceSet(vanished).encode() + b"\r\n")
+        changed = await store.fetchMeta(self._user, sel.name, None, changedSince=modseq)
+        out = []
+        for m in changed:
+            seq = sel.seqOf(m.uid)
+            if seq is None or (known is not None and not known.contains(m.uid, largest)):
+                continue
+            out.append(wire.fetchResponse(seq, [
+                (b"UID", b"%d" % m.uid),
+                (b"FLAGS", self._flagBytes(sel, m.uid, m.flags)),
+                (b"MODSEQ", b"(%d)" % m.modseq),
+            ]))
+        self._send(b"".join(out))
 
     async def cmd_EXAMINE(self, cmd):
         return await self.cmd_SELECT(cmd, readOnly=True)
 
-    async def _createWithParents(self, name):
+    async def _createWithParents(self, name, specialUse=None):
         store = self.factory.store
         levels = name.split(DELIMITER)
         for i in range(1, len(levels)):
@@ -534,7 +844,7 @@ class IMAPServerProtocol(Protocol):
                 await store.createMailbox(self._user, parent)
             except MailboxExists:
                 pass
-        await store.createMailbox(self._user, name)
+        await store.createMailbox(self._user, name, specialUse=specialUse)
 
     async def cmd_CREATE(self, cmd):
         name = cmd.args["mailbox"].rstrip(DELIMITER)
@@ -542,7 +852,16 @@ class IMAPServerProtocol(Protocol):
             return ("NO", "[CANNOT] Invalid mailbox name")
         if name.upper() == "INBOX":
             return ("NO", "[ALREADYEXISTS] INBOX always exists")
-        await self._createWithParents(name)
+        uses = cmd.args.get("use") or []
+        canon = {u.lower(): u for u in SPECIAL_USES}
+        if len(uses) > 1:
+            return ("NO", "[USEATTR] Only one special use per mailbox")
+        use = None
+        if uses:
+            use = canon.get(uses[0].lower())
+            if use is None:
+                return ("NO", "[USEATTR] Unknown special use")
+        await self._createWithParents(name, use)
         return ("OK", "CREATE completed")
 
     async def cmd_DELETE(self, cmd):
@@ -572,34 +891,61 @@ class IMAPServerProtocol(Protocol):
         return ("OK", "UNSUBSCRIBE completed")
 
     async def cmd_LIST(self, cmd):
-        ref, pattern = cmd.args["reference"], cmd.args["pattern"]
-        if not pattern:
+        args = cmd.args
+        ref, patterns = args["reference"], args["patterns"]
+        if not args["extended"] and not patterns[0]:
             self._send(b'* LIST (\\Noselect) "/" ""\r\n')
             return ("OK", "LIST completed")
-        infos = await self.factory.store.listMailboxes(self._user)
+        store = self.factory.store
+        select, returns = set(args["select"]), set(args["returns"])
+        wantSubscribed = "SUBSCRIBED" in select or "SUBSCRIBED" in returns
+        infos = await store.listMailboxes(self._user)
         existing = {i.name: i for i in infos}
+        subs = set(await store.listSubscriptions(self._user)) if wantSubscribed else set()
         names = set(existing)
         for n in existing:
             levels = n.split(DELIMITER)
             for i in range(1, len(levels)):
                 names.add(DELIMITER.join(levels[:i]))
-        matcher = listMatcher(ref + pattern)
+        if "SUBSCRIBED" in select:
+            names |= subs
+        matchers = [listMatcher(ref + p) for p in patterns if p]
         parents = set()
-        for n in names:
+        for n in existing:
             if DELIMITER in n:
                 parents.add(n.rsplit(DELIMITER, 1)[0])
         out = []
+        statusOf = []
         for n in sorted(names):
-            if not matcher(n):
+            matched = any(m(n) for m in matchers)
+            childInfo = False
+            if "SUBSCRIBED" in select:
+                if n not in subs:
+                    # RECURSIVEMATCH: a parent whose children are subscribed
+                    if not ("RECURSIVEMATCH" in select and matched and any(s.startswith(n + DELIMITER) for s in subs)):
+                        continue
+                    childInfo = True
+            if not matched:
+                continue
+            info = existing.get(n)
+            if "SPECIAL-USE" in select and (info is None or not info.specialUse):
                 continue
             attrs = []
-            if n not in existing:
-                attrs.append("\\Noselect")
-            attrs.append("\\HasChildren" if n in parents else "\\HasNoChildren")
-            info = existing.get(n)
+            if info is None:
+                anyChild = any(e.startswith(n + DELIMITER) for e in existing)
+                attrs.append("\\Noselect" if anyChild else "\\NonExistent")
+            if info is not None or anyChild:
+                attrs.append("\\HasChildren" if n in parents else "\\HasNoChildren")
+            if wantSubscribed and n in subs:
+                attrs.append("\\Subscribed")
             if info is not None and info.specialUse:
                 attrs.append(info.specialUse)
-            out.append(b"* LIST (" + " ".join(attrs).encode() + b') "/" ' + _mailboxName(n) + b"\r\n")
+            line = b"* LIST (" + " ".join(attrs).encode() + b') "/" ' + self._mbox(n)
+            if childInfo:
+                line += b' ("CHILDINFO" ("SUBSCRIBED"))'
+            out.append(line + b"\r\n")
+            if args["status"] and info is not None:
+                out.append(await self._statusLine(info, args["status"]))
         self._send(b"".join(out))
         return ("OK", "LIST completed")
 
@@ -626,12 +972,11 @@ class IMAPServerProtocol(Protocol):
                 attrs = "\\Noselect"
             else:
                 continue
-            out.append(b"* LSUB (" + attrs.encode() + b') "/" ' + _mailboxName(n) + b"\r\n")
+            out.append(b"* LSUB (" + attrs.encode() + b') "/" ' + self._mbox(n) + b"\r\n")
         self._send(b"".join(out))
         return ("OK", "LSUB completed")
 
-    async def cmd_STATUS(self, cmd):
-        info = await self.factory.store.getMailbox(self._user, cmd.args["mailbox"])
+    async def _statusLine(self, info, items) -> bytes:
         values = {
             "MESSAGES": info.messages,
             "RECENT": info.recent,
@@ -640,22 +985,66 @@ class IMAPServerProtocol(Protocol):
             "UNSEEN": info.unseen,
             "HIGHESTMODSEQ": info.highestModseq,
             "SIZE": info.size,
+            "APPENDLIMIT": self.factory.maxLiteralSize,
         }
+        if "HIGHESTMODSEQ" in items:
+            self._enableCondstore()
+        if "DELETED" in items or "DELETED-STORAGE" in items:
+            metas = await self.factory.store.fetchMeta(self._user, info.name)
+            deleted = [m for m in metas if "\\Deleted" in m.flags]
+            values["DELETED"] = len(deleted)
+            values["DELETED-STORAGE"] = sum(m.size for m in deleted)
         sel = self._selected
         if sel is not None and sel.name == info.name:
             values["RECENT"] = max(info.recent, len(sel.recent))
-        items = " ".join(f"{item} {values[item]}" for item in cmd.args["items"])
-        self._send(b"* STATUS " + _mailboxName(info.name) + b" (" + items.encode() + b")\r\n")
+        text = " ".join(f"{item} {values[item]}" for item in items)
+        return b"* STATUS " + self._mbox(info.name) + b" (" + text.encode() + b")\r\n"
+
+    async def cmd_STATUS(self, cmd):
+        info = await self.factory.store.getMailbox(self._user, cmd.args["mailbox"])
+        self._send(await self._statusLine(info, cmd.args["items"]))
         return ("OK", "STATUS completed")
 
     async def cmd_APPEND(self, cmd):
-        message = cmd.args["message"]
-        if not message:
-            return ("NO", "[CANNOT] Empty message")
-        uidvalidity, uid = await self.factory.store.append(
-            self._user, cmd.args["mailbox"], message, flags=cmd.args["flags"], internalDate=cmd.args["date"]
+        store = self.factory.store
+        messages = cmd.args["messages"]
+        for one in messages:
+            if not one["message"]:
+                return ("NO", "[CANNOT] Empty message")
+            if one["utf8"] and not self._utf8:
+                return ("BAD", "UTF8 data needs ENABLE UTF8=ACCEPT")
+        done = []
+        uidvalidity = None
+        # All at once: the store commits them in order and in one group.
+        results = await defer.DeferredList(
+            [
+                store.append(
+                    self._user, cmd.args["mailbox"], one["message"], flags=one["flags"], internalDate=one["date"]
+                )
+                for one in messages
+            ],
+            consumeErrors=True,
         )
-        return ("OK", f"[APPENDUID {uidvalidity} {uid}] APPEND completed")
+        failure = None
+        for ok, value in results:
+            if ok:
+                uidvalidity = value[0]
+                done.append(value[1])
+            elif failure is None:
+                failure = value
+        try:
+            if failure is not None:
+                failure.raiseException()
+        except StoreError:
+            # MULTIAPPEND is all or nothing (RFC 3502): take back what went in.
+            if done:
+                try:
+                    await store.storeFlags(self._user, cmd.args["mailbox"], done, "add", ["\\Deleted"])
+                    await store.expunge(self._user, cmd.args["mailbox"], done)
+                except StoreError:
+                    _log.failure("could not undo a partial MULTIAPPEND")
+            raise
+        return ("OK", f"[APPENDUID {uidvalidity} {wire.formatSequenceSet(done)}] APPEND completed")
 
     # --- selected -------------------------------------------------------
 
@@ -666,7 +1055,7 @@ class IMAPServerProtocol(Protocol):
         sel = self._selected
         self._selected = None
         self._state = "auth"
-        if not sel.readOnly and sel.uids:
+        if not sel.readOnly and sel.uids and not sel.gone:
             try:
                 await self.factory.store.expunge(self._user, sel.name, list(sel.uids))
             except StoreError as e:
@@ -683,17 +1072,27 @@ class IMAPServerProtocol(Protocol):
         if sel.readOnly:
             return ("NO", "[READ-ONLY] Mailbox is read-only")
         if cmd.uid:
-            uids = cmd.args["set"].select(sel.uids, sel.uids[-1] if sel.uids else 0)
+            uids = [u for _, u in self._resolve(sel, cmd.args["set"], True)]
         else:
             uids = list(sel.uids)
         if uids:
             gone = await self.factory.store.expunge(self._user, sel.name, uids)
             if sel is self._selected:
                 self._sendExpunges(gone)
+        if self._condstore:
+            info = await self.factory.store.getMailbox(self._user, sel.name)
+            return ("OK", f"[HIGHESTMODSEQ {info.highestModseq}] EXPUNGE completed")
         return ("OK", "EXPUNGE completed")
 
     def _resolve(self, sel: _Selected, seqset: wire.SequenceSet, uid: bool):
-        """C{[(seq, uid)]} for a set of sequence numbers or UIDs."""
+        """C{[(seq, uid)]} for a set of sequence numbers or UIDs (or C{$})."""
+        if seqset.saved:
+            out = []
+            for u in sel.saved:
+                seq = sel.seqOf(u)
+                if seq is not None:
+                    out.append((seq, u))
+            return out
         if uid:
             uids = seqset.select(sel.uids, sel.uids[-1] if sel.uids else 0)
             return [(sel.seqOf(u), u) for u in uids]
@@ -705,14 +1104,48 @@ class IMAPServerProtocol(Protocol):
         seqs = seqset.select(range(1, count + 1), count)
         return [(s, sel.uids[s - 1]) for s in seqs]
 
+    def _flagBytes(self, sel, uid, flags) -> bytes:
+        recent = uid in sel.recent
+        cache = self.factory._flagCache
+        key = (flags, recent)
+        value = cache.get(key)
+        if value is None:
+            value = wire.formatFlags(wire.sortFlags(sel.flagsOf(uid, flags)))
+            if len(cache) < 4096:
+                cache[key] = value
+        return value
+
     async def cmd_FETCH(self, cmd):
         sel = self._selected
         store = self.factory.store
-        plan = fetchmod.FetchPlan(cmd.args["atts"], cmd.uid, sel.readOnly)
-        targets = self._resolve(sel, cmd.args["set"], cmd.uid)
+        args = cmd.args
+        plan = fetchmod.FetchPlan(args["atts"], cmd.uid, sel.readOnly)
+        changedSince = args.get("changedSince")
+        if plan.wantsModseq or changedSince is not None:
+            self._enableCondstore()
+        if self._condstore and (changedSince is not None or plan.wantsModseq):
+            plan.addModseq()
+        if args.get("vanished") and not (cmd.uid and self._qresync):
+            return ("BAD", "VANISHED needs UID FETCH and QRESYNC")
+        targets = self._resolve(sel, args["set"], cmd.uid)
+        if args.get("vanished"):
+            largest = sel.uids[-1] if sel.uids else 0
+            if IVanishedStore.providedBy(store):
+                gone = await store.vanishedSince(self._user, sel.name, changedSince)
+                top = max(largest, gone[-1] if gone else 0)
+                gone = [u for u in gone if args["set"].contains(u, top)]
+                if gone:
+                    self._send(b"* VANISHED (EARLIER) " + wire.formatSequenceSet(gone).encode() + b"\r\n")
         if not targets:
             return ("OK", "FETCH completed")
-        metas = await store.fetchMeta(self._user, sel.name, [u for _, u in targets], withStructure=plan.needsStructure)
+        uids = [u for _, u in targets]
+        if len(uids) == len(sel.uids):
+            uids = None  # the whole mailbox: no need to send the list down
+        metas = await store.fetchMeta(
+            self._user, sel.name, uids, withStructure=plan.needsStructure, changedSince=changedSince
+        )
+        if sel is not self._selected:
+            return ("NO", "Mailbox closed meanwhile")
         byUid = {m.uid: m for m in metas}
         seen = set()
         if plan.setsSeen:
@@ -723,103 +1156,256 @@ class IMAPServerProtocol(Protocol):
                     if c.uid in byUid:
                         byUid[c.uid] = dataclasses.replace(byUid[c.uid], flags=c.flags, modseq=c.modseq)
                         seen.add(c.uid)
+        if plan.metaOnly and not seen:
+            return self._fetchMetaOnly(sel, plan, targets, byUid, changedSince is not None)
         missing = False
-        for seq, uid in targets:
-            meta = byUid.get(uid)
-            if meta is None:
-                missing = True
-                continue
-            structure = meta.structure if plan.needsStructure else None
-            content = None
-            stale = plan.needsStructure and not (
-                isinstance(structure, dict) and structure.get("version") == fetchmod.STRUCTURE_VERSION
-            )
-            if plan.needsContent or stale:
-                try:
-                    content = await store.getContent(self._user, sel.name, uid)
-                except KeyError:
-                    missing = True
+        buf = []
+        size = 0
+        self._startProducing()
+        try:
+            for seq, uid in targets:
+                meta = byUid.get(uid)
+                if meta is None:
+                    if changedSince is None:
+                        missing = True
                     continue
-            if plan.needsStructure:
-                structure = fetchmod.ensureStructure(structure, content)
-            flags = sel.flagsOf(uid, meta.flags)
-            items = plan.items(seq, meta, flags, content, structure)
-            if plan.wantsFlags or uid in seen:
-                if not plan.wantsFlags:
-                    items.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
-                if uid in sel.known and meta.modseq >= sel.known[uid][1]:
-                    sel.known[uid] = (meta.flags, meta.modseq)
-            if self._closed:
-                return None
-            self._send(wire.fetchResponse(seq, items))
+                structure = meta.structure if plan.needsStructure else None
+                content = None
+                stale = plan.needsStructure and not (
+                    isinstance(structure, dict) and structure.get("version") == fetchmod.STRUCTURE_VERSION
+                )
+                streamAtt = None
+                if IContentStore.providedBy(store):
+                    streamAtt = plan.streamable(meta.size, STREAM_THRESHOLD)
+                if streamAtt is not None and len(plan.atts) > 0 and not stale:
+                    content = None
+                elif plan.needsContent or stale:
+                    try:
+                        content = await store.getContent(self._user, sel.name, uid)
+                    except KeyError:
+                        missing = True
+                        continue
+                    streamAtt = None
+                if plan.needsStructure:
+                    structure = fetchmod.ensureStructure(structure, content)
+                flags = sel.flagsOf(uid, meta.flags)
+                try:
+                    items = plan.items(seq, meta, flags, content, structure, streamAtt=streamAtt)
+                except fetchmod.UnknownCTE:
+                    self._send(b"".join(buf))
+                    return ("NO", "[UNKNOWN-CTE] Unknown content-transfer-encoding")
+                if plan.wantsFlags or uid in seen:
+                    if not plan.wantsFlags:
+                        items.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
+                        if self._condstore and not plan.wantsModseq:
+                            items.append((b"MODSEQ", b"(%d)" % meta.modseq))
+                    if uid in sel.known and meta.modseq >= sel.known[uid][1]:
+                        sel.known[uid] = (meta.flags, meta.modseq)
+                if self._closed:
+                    return None
+                if streamAtt is not None:
+                    self._send(b"".join(buf))
+                    buf, size = [], 0
+                    if not await self._streamFetch(sel, seq, uid, meta, items):
+                        missing = True
+                    continue
+                data = wire.fetchResponse(seq, items)
+                buf.append(data)
+                size += len(data)
+                if size >= WRITE_CHUNK:
+                    self._send(b"".join(buf))
+                    buf, size = [], 0
+                    await self._drain()
+            self._send(b"".join(buf))
+        finally:
+            self._stopProducing()
         if missing:
             return ("NO", "[EXPUNGEISSUED] Some messages were expunged meanwhile")
         return ("OK", "FETCH completed")
+
+    def _fetchMetaOnly(self, sel, plan, targets, byUid, changedOnly):
+        """FETCH of FLAGS/UID/INTERNALDATE/RFC822.SIZE/MODSEQ: no content, one write per chunk."""
+        parts = []
+        for att in plan.atts:
+            parts.append(att.name)
+        out = []
+        missing = False
+        known = sel.known
+        flagBytes = self._flagBytes
+        for seq, uid in targets:
+            meta = byUid.get(uid)
+            if meta is None:
+                if not changedOnly:
+                    missing = True
+                continue
+            items = []
+            for name in parts:
+                if name == "FLAGS":
+                    items.append(b"FLAGS " + flagBytes(sel, uid, meta.flags))
+                elif name == "UID":
+                    items.append(b"UID %d" % uid)
+                elif name == "RFC822.SIZE":
+                    items.append(b"RFC822.SIZE %d" % meta.size)
+                elif name == "INTERNALDATE":
+                    items.append(b"INTERNALDATE " + wire.formatDateTime(meta.internalDate))
+                elif name == "MODSEQ":
+                    items.append(b"MODSEQ (%d)" % meta.modseq)
+            out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
+            if plan.wantsFlags:
+                k = known.get(uid)
+                if k is not None and meta.modseq >= k[1]:
+                    known[uid] = (meta.flags, meta.modseq)
+        self._send(b"".join(out))
+        if missing:
+            return ("NO", "[EXPUNGEISSUED] Some messages were expunged meanwhile")
+        return ("OK", "FETCH completed")
+
+    async def _streamFetch(self, sel, seq, uid, meta, items) -> bool:
+        """Write one FETCH response whose (one) C{None} item is the message, read from its file."""
+        store = self.factory.store
+        try:
+            f = await store.openContent(self._user, sel.name, uid)
+        except KeyError:
+            return False
+        try:
+            head = []
+            tail = []
+            target = head
+            streamName = None
+            for name, value in items:
+                if value is None:
+                    streamName = name
+                    target = tail
+                    continue
+                target.append(name + b" " + value)
+            prefix = b"* %d FETCH (" % seq + b" ".join(head) + (b" " if head else b"")
+            f.seek(0, 2)
+            length = f.tell()
+            f.seek(0)
+            self._send(prefix + streamName + b" {%d}\r\n" % length)
+            remaining = length
+            while remaining > 0:
+                chunk = await self._readChunk(f, min(remaining, WRITE_CHUNK))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                self._send(chunk)
+                await self._drain()
+                if self._closed:
+                    return True
+            if remaining:
+                self._send(b"\x00" * remaining)  # the file shrank: keep the literal's promise
+            self._send((b" " + b" ".join(tail) if tail else b"") + b")\r\n")
+            return True
+        finally:
+            f.close()
+
+    def _readChunk(self, f, n):
+        from twisted.internet.threads import deferToThreadPool
+
+        if not hasattr(f, "fileno"):
+            return defer.succeed(f.read(n))
+        try:
+            f.fileno()
+        except (OSError, ValueError, AttributeError):
+            return defer.succeed(f.read(n))
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f.read, n)
 
     async def cmd_STORE(self, cmd):
         sel = self._selected
         if sel.readOnly:
             return ("NO", "[READ-ONLY] Mailbox is read-only")
+        unchangedSince = cmd.args.get("unchangedSince")
+        if unchangedSince is not None:
+            self._enableCondstore()
         targets = self._resolve(sel, cmd.args["set"], cmd.uid)
         if not targets:
             return ("OK", "STORE completed")
-        changes, _ = await self.factory.store.storeFlags(
-            self._user, sel.name, [u for _, u in targets], cmd.args["mode"], cmd.args["flags"]
+        changes, failed = await self.factory.store.storeFlags(
+            self._user, sel.name, [u for _, u in targets], cmd.args["mode"], cmd.args["flags"],
+            unchangedSince=unchangedSince,
         )
         out = []
         for c in changes:
             seq = sel.seqOf(c.uid)
             if seq is None:
                 continue
+            old = sel.known.get(c.uid)
             sel.known[c.uid] = (c.flags, c.modseq)
-            if not cmd.args["silent"]:
-                items = [(b"FLAGS", wire.formatFlags(wire.sortFlags(sel.flagsOf(c.uid, c.flags))))]
+            changed = old is None or old[1] != c.modseq
+            if not cmd.args["silent"] or (self._condstore and unchangedSince is not None and changed):
+                items = [(b"FLAGS", self._flagBytes(sel, c.uid, c.flags))]
                 if cmd.uid:
                     items.append((b"UID", b"%d" % c.uid))
+                if self._condstore:
+                    items.append((b"MODSEQ", b"(%d)" % c.modseq))
                 out.append(wire.fetchResponse(seq, items))
         self._send(b"".join(out))
+        if failed:
+            numbers = failed if cmd.uid else [sel.seqOf(u) for u in failed if sel.seqOf(u) is not None]
+            return ("OK", f"[MODIFIED {wire.formatSequenceSet(numbers)}] Conditional STORE failed for some")
         return ("OK", "STORE completed")
 
-    async def cmd_COPY(self, cmd):
+    async def cmd_COPY(self, cmd, move=False):
         sel = self._selected
         store = self.factory.store
+        if move and sel.readOnly:
+            return ("NO", "[READ-ONLY] Mailbox is read-only")
         targets = self._resolve(sel, cmd.args["set"], cmd.uid)
         await store.getMailbox(self._user, cmd.args["mailbox"])
         if not targets:
-            return ("OK", "COPY completed")
-        uidvalidity, mapping = await store.copy(self._user, sel.name, [u for _, u in targets], cmd.args["mailbox"])
+            return ("OK", f"{cmd.name} completed")
+        uidvalidity, mapping = await store.copy(
+            self._user, sel.name, [u for _, u in targets], cmd.args["mailbox"], move=move
+        )
         if not mapping:
-            return ("OK", "COPY completed")
+            return ("OK", f"{cmd.name} completed")
         src = wire.formatSequenceSet([s for s, _ in mapping])
         dst = wire.formatSequenceSet([d for _, d in mapping])
-        return ("OK", f"[COPYUID {uidvalidity} {src} {dst}] COPY completed")
+        if not move:
+            return ("OK", f"[COPYUID {uidvalidity} {src} {dst}] COPY completed")
+        self._send(f"* OK [COPYUID {uidvalidity} {src} {dst}] Moved\r\n".encode())
+        if sel is self._selected:
+            self._sendExpunges([s for s, _ in mapping])
+        return ("OK", "MOVE completed")
 
-    async def cmd_SEARCH(self, cmd):
-        sel = self._selected
+    async def cmd_MOVE(self, cmd):
+        return await self.cmd_COPY(cmd, move=True)
+
+    # --- SEARCH, SORT, THREAD -------------------------------------------
+
+    async def _searchUids(self, sel, key, charset):
+        """The UIDs (ascending) matching a parsed search key, from the store's index when it has one."""
         store = self.factory.store
-        charset = cmd.args["charset"]
         if charset is not None and charset not in searchmod.CHARSETS:
-            return ("NO", "[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
-        key = searchmod.prepare(cmd.args["key"], charset)
-        withStructure = searchmod.needsStructure(key)
-        withContent = searchmod.needsContent(key)
-        uids = list(sel.uids)
-        maxSeq = len(uids)
-        maxUid = uids[-1] if uids else 0
-        metas = await store.fetchMeta(self._user, sel.name, uids, withStructure=withStructure or withContent)
+            raise _Reply("NO", "[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        if any(k[0] == "modseq" for k in searchmod.walk(key)):
+            self._enableCondstore()
+        maxSeq = len(sel.uids)
+        maxUid = sel.uids[-1] if sel.uids else 0
+        prepared = searchmod.prepare(key, charset)
+        if ISearchIndex.providedBy(store):
+            metasFor = None
+            if searchmod.needsDates(prepared):
+                metasFor = {m.uid: m for m in await store.fetchMeta(self._user, sel.name)}
+            query = searchmod.toIndexQuery(
+                prepared, sel.uids, sel.recent, sel.saved, self._reactor.seconds(), metasFor, maxSeq, maxUid
+            )
+            found = await store.search(self._user, sel.name, query)
+            present = set(sel.uids) if len(found) < len(sel.uids) else None
+            return [u for u in found if (u in present if present is not None else sel.seqOf(u) is not None)]
+        withStructure = searchmod.needsStructure(prepared)
+        withContent = searchmod.needsContent(prepared)
+        metas = await store.fetchMeta(self._user, sel.name, list(sel.uids), withStructure=withStructure or withContent)
         found = []
+        now = self._reactor.seconds()
         for meta in metas:
             seq = sel.seqOf(meta.uid)
             if seq is None:
                 continue
             cand = searchmod.Candidate(
-                seq,
-                meta.uid,
-                meta.flags,
-                meta.uid in sel.recent,
-                meta.size,
-                meta.internalDate,
-                meta.structure,
+                seq, meta.uid, meta.flags, meta.uid in sel.recent, meta.size, meta.internalDate, meta.structure,
+                modseq=meta.modseq, saved=sel.saved, now=now,
             )
             stale = (withStructure or withContent) and not (
                 isinstance(meta.structure, dict) and meta.structure.get("version") == fetchmod.STRUCTURE_VERSION
@@ -830,29 +1416,172 @@ class IMAPServerProtocol(Protocol):
                 except KeyError:
                     continue
                 cand.structure = fetchmod.ensureStructure(meta.structure, cand.content)
-            if searchmod.matches(key, cand, maxSeq, maxUid):
-                found.append(meta.uid if cmd.uid else seq)
+            if searchmod.matches(prepared, cand, maxSeq, maxUid):
+                found.append(meta.uid)
             if self._closed:
-                return None
-        self._send(b"* SEARCH" + b"".join(b" %d" % n for n in found) + b"\r\n")
+                return []
+        return found
+
+    async def cmd_SEARCH(self, cmd):
+        sel = self._selected
+        args = cmd.args
+        if self._utf8 and args["charset"] not in (None, "UTF-8"):
+            return ("BAD", "Only UTF-8 searches once UTF8=ACCEPT is enabled")
+        returns = args.get("return")
+        try:
+            found = await self._searchUids(sel, args["key"], args["charset"])
+        except _Reply:
+            if returns and "SAVE" in returns:
+                sel.saved = []
+            raise
+        if sel is not self._selected:
+            return ("NO", "Mailbox closed meanwhile")
+        usesModseq = any(k[0] == "modseq" for k in searchmod.walk(args["key"]))
+        highest = 0
+        if usesModseq and found:
+            highest = max(sel.known.get(u, (None, 0))[1] for u in found)
+            metas = await self.factory.store.fetchMeta(self._user, sel.name, found)
+            highest = max([highest] + [m.modseq for m in metas])
+        numbers = found if cmd.uid else [sel.seqOf(u) for u in found]
+        if returns is None:
+            line = b"* SEARCH" + b"".join(b" %d" % n for n in numbers)
+            if usesModseq and found:
+                line += b" (MODSEQ %d)" % highest
+            self._send(line + b"\r\n")
+            return ("OK", "SEARCH completed")
+        opts = set(returns)
+        if "SAVE" in opts:
+            if opts & {"MIN", "MAX"} and not opts & {"ALL", "COUNT"}:
+                keep = set()
+                if "MIN" in opts and found:
+                    keep.add(found[0])
+                if "MAX" in opts and found:
+                    keep.add(found[-1])
+                sel.saved = sorted(keep)
+            else:
+                sel.saved = list(found)
+            opts.discard("SAVE")
+            if not opts:
+                return ("OK", "SEARCH completed")
+        parts = [b'* ESEARCH (TAG "' + cmd.tag.encode("ascii") + b'")']
+        if cmd.uid:
+            parts.append(b"UID")
+        if numbers:
+            if "MIN" in opts:
+                parts.append(b"MIN %d" % numbers[0])
+            if "MAX" in opts:
+                parts.append(b"MAX %d" % numbers[-1])
+            if "ALL" in opts:
+                parts.append(b"ALL " + wire.formatSequenceSet(numbers).encode())
+        if "COUNT" in opts:
+            parts.append(b"COUNT %d" % len(numbers))
+        if usesModseq and found:
+            parts.append(b"MODSEQ %d" % highest)
+        self._send(b" ".join(parts) + b"\r\n")
         return ("OK", "SEARCH completed")
+
+    async def _indexFor(self, sel, uids):
+        store = self.factory.store
+        if ISearchIndex.providedBy(store):
+            return await store.indexData(self._user, sel.name, uids)
+        from mailplat.mime.structure import indexFields
+
+        out = {}
+        for m in await store.fetchMeta(self._user, sel.name, uids, withStructure=True):
+            structure = m.structure
+            if not (isinstance(structure, dict) and structure.get("version") == fetchmod.STRUCTURE_VERSION):
+                structure = fetchmod.ensureStructure(None, await store.getContent(self._user, sel.name, m.uid))
+            entry = indexFields(structure)
+            entry["size"] = m.size
+            entry["internalDate"] = m.internalDate
+            out[m.uid] = entry
+        return out
+
+    async def cmd_SORT(self, cmd):
+        sel = self._selected
+        args = cmd.args
+        if args.get("return") is not None:
+            return ("BAD", "SORT RETURN is not supported")
+        found = await self._searchUids(sel, args["key"], args["charset"])
+        index = await self._indexFor(sel, found)
+        found = [u for u in found if u in index]
+
+        def keyFor(name, uid):
+            e = index[uid]
+            if name == "ARRIVAL":
+                return (e["internalDate"],)
+            if name == "DATE":
+                return (e["sentDate"] if e.get("sentDate") is not None else e["internalDate"],)
+            if name == "SIZE":
+                return (e["size"],)
+            if name == "SUBJECT":
+                return (e["sortSubject"],)
+            if name == "FROM":
+                return (e["sortFrom"],)
+            if name == "TO":
+                return (e["sortTo"],)
+            if name == "CC":
+                return (e["sortCc"],)
+            if name == "DISPLAYFROM":
+                return (e["displayFrom"],)
+            return (e["displayTo"],)
+
+        ordered = sorted(found)  # ties: by sequence number, which follows UID order
+        for name, reverse in reversed(args["criteria"]):
+            ordered.sort(key=lambda u: keyFor(name, u), reverse=reverse)
+        numbers = ordered if cmd.uid else [sel.seqOf(u) for u in ordered]
+        self._send(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+        return ("OK", "SORT completed")
+
+    async def cmd_THREAD(self, cmd):
+        sel = self._selected
+        args = cmd.args
+        found = await self._searchUids(sel, args["key"], args["charset"])
+        index = await self._indexFor(sel, found)
+        messages = [((u if cmd.uid else sel.seqOf(u)), index[u]) for u in found if u in index]
+        if args["algorithm"] == "ORDEREDSUBJECT":
+            data = threadmod.orderedSubject(messages)
+        else:
+            data = threadmod.references(messages)
+        self._send(b"* THREAD " + data + b"\r\n" if data else b"* THREAD\r\n")
+        return ("OK", "THREAD completed")
 
     # --- mailbox updates ------------------------------------------------
 
     def _onEvent(self, event):
         sel = self._selected
-        if sel is None or event.mailbox != sel.name:
+        if sel is None:
             return
-        if event.kind == "append":
+        if event.mailbox != sel.name:
+            return
+        kind = event.kind
+        if kind == "append":
             sel.pendingAppend.update(event.uids)
-        elif event.kind == "flags":
+            for m in event.metas:
+                sel.appendMetas[m.uid] = m
+            if not sel.readOnly:
+                sel.recentWon.update(self.factory.claimRecent(event.user, event.mailbox, event.uids))
+        elif kind == "flags":
             sel.pendingFlags.update(event.uids)
-        elif event.kind == "expunge":
+            for c in event.changes:
+                sel.flagChanges[c.uid] = c
+        elif kind == "expunge":
             sel.pendingExpunge.update(event.uids)
+        elif kind == "delete":
+            sel.gone = True
+        elif kind == "rename" and event.newName:
+            # The mailbox keeps its UIDVALIDITY under its new name: follow it.
+            sel.name = event.newName
+            return
+        else:
+            return
+        if self._idling:
+            self._scheduleFlush()
 
     def _sendExpunges(self, uids):
         sel = self._selected
         out = []
+        gone = []
         for uid in sorted(uids, reverse=True):
             sel.pendingExpunge.discard(uid)
             seq = sel.seqOf(uid)
@@ -861,52 +1590,87 @@ class IMAPServerProtocol(Protocol):
             del sel.uids[seq - 1]
             sel.known.pop(uid, None)
             sel.recent.discard(uid)
+            gone.append(uid)
             out.append(b"* %d EXPUNGE\r\n" % seq)
-        self._send(b"".join(out))
+        if self._qresync:
+            if gone:
+                self._send(b"* VANISHED " + wire.formatSequenceSet(gone).encode() + b"\r\n")
+        else:
+            self._send(b"".join(out))
 
     async def _flushUpdates(self, allowExpunge: bool):
+        await self._flushLock.acquire()
+        try:
+            await self._flushUpdatesLocked(allowExpunge)
+        finally:
+            self._flushLock.release()
+
+    async def _flushUpdatesLocked(self, allowExpunge: bool):
         sel = self._selected
-        if sel is None or self._state != "selected":
+        if sel is None or self._state != "selected" or self._closed:
+            return
+        if sel.gone:
+            self._send(b"* BYE Selected mailbox was deleted, have to disconnect\r\n")
+            self._close()
             return
         store = self.factory.store
+        dead = set(sel.pendingExpunge)
         if allowExpunge and sel.pendingExpunge:
             self._sendExpunges(list(sel.pendingExpunge))
         if sel.pendingAppend:
             top = sel.uids[-1] if sel.uids else 0
             new = sorted(u for u in sel.pendingAppend if u > top)
             sel.pendingAppend.clear()
+            given = sel.appendMetas
+            sel.appendMetas = {}
             if new:
-                metas = await store.fetchMeta(self._user, sel.name, new)
-                if sel is not self._selected:
-                    return
+                if all(u in given for u in new):
+                    metas = [given[u] for u in new]
+                else:
+                    metas = await store.fetchMeta(self._user, sel.name, new)
+                    if sel is not self._selected:
+                        return
                 added = []
                 for m in metas:
-                    if not sel.uids or m.uid > sel.uids[-1]:
+                    if (not sel.uids or m.uid > sel.uids[-1]) and m.uid not in dead and m.uid not in sel.pendingExpunge:
                         sel.uids.append(m.uid)
                         sel.known[m.uid] = (m.flags, m.modseq)
                         added.append(m.uid)
                 if added:
-                    if not sel.readOnly:
-                        claimed = await store.claimRecent(self._user, sel.name)
+                    won = sel.recentWon
+                    sel.recentWon = set()
+                    if won:
+                        sel.recent.update(u for u in won if sel.seqOf(u) is not None)
+                        # Clear the store's record too (other processes' sessions).
+                        try:
+                            await store.claimRecent(self._user, sel.name)
+                        except StoreError:
+                            pass
                         if sel is not self._selected:
                             return
-                        sel.recent.update(u for u in claimed if sel.seqOf(u) is not None)
                     self._send(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), len(sel.recent)))
         if sel.pendingFlags:
-            uids = sorted(u for u in sel.pendingFlags if u in sel.known)
+            uids = sorted(u for u in sel.pendingFlags if u in sel.known and u not in dead and u not in sel.pendingExpunge)
             sel.pendingFlags.clear()
+            given = sel.flagChanges
+            sel.flagChanges = {}
             if uids:
-                metas = await store.fetchMeta(self._user, sel.name, uids)
-                if sel is not self._selected:
-                    return
+                if all(u in given for u in uids):
+                    changes = [given[u] for u in uids]
+                else:
+                    changes = await store.fetchMeta(self._user, sel.name, uids)
+                    if sel is not self._selected:
+                        return
                 out = []
-                for m in metas:
+                for m in changes:
                     seq = sel.seqOf(m.uid)
-                    if seq is None or m.modseq <= sel.known[m.uid][1]:
+                    if seq is None or m.uid not in sel.known or m.modseq <= sel.known[m.uid][1]:
                         continue
                     sel.known[m.uid] = (m.flags, m.modseq)
-                    flags = wire.formatFlags(wire.sortFlags(sel.flagsOf(m.uid, m.flags)))
-                    out.append(wire.fetchResponse(seq, [(b"FLAGS", flags), (b"UID", b"%d" % m.uid)]))
+                    items = [(b"FLAGS", self._flagBytes(sel, m.uid, m.flags)), (b"UID", b"%d" % m.uid)]
+                    if self._condstore:
+                        items.append((b"MODSEQ", b"(%d)" % m.modseq))
+                    out.append(wire.fetchResponse(seq, items))
                 self._send(b"".join(out))
 
 
@@ -978,6 +1742,26 @@ class IMAPFactory(ServerFactory):
         self.reactor = reactor
         self.idleTimeout = idleTimeout
         self.maxLiteralSize = maxLiteralSize
+        self._flagCache: dict = {}
+        self._recentClaims: collections.OrderedDict = collections.OrderedDict()
+
+    def claimRecent(self, user, mailbox, uids):
+        """
+        The UIDs among C{uids} that no session of this factory has claimed as
+        C{\\Recent} yet, now claimed: the first session told about a new
+        message shows it as recent (RFC 3501 2.3.2) without a store write
+        per session.
+        """
+        won = []
+        claims = self._recentClaims
+        for uid in uids:
+            key = (user, mailbox, uid)
+            if key not in claims:
+                claims[key] = True
+                won.append(uid)
+        while len(claims) > MAX_RECENT_CLAIMS:
+            claims.popitem(last=False)
+        return won
 
     def buildProtocol(self, addr):
         p = self.protocol(self)

@@ -104,6 +104,8 @@ class SequenceSet:
     """
 
     ranges: tuple
+    #: C{$}: the result saved by an earlier C{SEARCH RETURN (SAVE)} (RFC 5182).
+    saved: bool = False
 
     def resolve(self, largest: int) -> list:
         """
@@ -159,6 +161,9 @@ class SequenceSet:
         return m
 
     def __str__(self):
+        if self.saved:
+            return "$"
+
         def one(v):
             return "*" if v is None else str(v)
 
@@ -216,9 +221,11 @@ class FetchAtt:
     partial: Optional[tuple] = None
 
     def responseName(self) -> str:
-        if self.name != "BODY[]":
+        if self.name == "BINARY.SIZE":
+            return f"BINARY.SIZE[{self.section.spec()}]"
+        if self.name not in ("BODY[]", "BINARY[]"):
             return self.name
-        out = f"BODY[{self.section.spec()}]"
+        out = f"{self.name[:-2]}[{self.section.spec()}]"
         if self.partial is not None:
             out += f"<{self.partial[0]}>"
         return out
@@ -240,6 +247,9 @@ _SIMPLE_ATTS = {
     "RFC822",
     "RFC822.HEADER",
     "RFC822.TEXT",
+    "MODSEQ",
+    "EMAILID",
+    "THREADID",
 }
 
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
@@ -377,7 +387,9 @@ class _Reader:
             else:
                 out.append(c)
 
-    def literal(self) -> bytes:
+    def literal(self, allow8=False) -> bytes:
+        if allow8 and self.peek() == 0x7E:
+            self.pos += 1
         m = _LITERAL_AT_END.match(self.line, self.pos)
         if m is None or self.index + 1 >= len(self.segments):
             raise ParseError("bad literal")
@@ -428,7 +440,10 @@ class _Reader:
     def mailbox(self) -> str:
         return decodeMailboxName(self.astring())
 
-    def sequenceSet(self) -> SequenceSet:
+    def sequenceSet(self, allowSaved=True) -> SequenceSet:
+        if allowSaved and self.peek() == 0x24:
+            self.pos += 1
+            return SequenceSet((), saved=True)
         ranges = []
         while True:
             lo = self._seqNumber()
@@ -492,6 +507,37 @@ class _Reader:
     def dateTime(self) -> float:
         raw = self.quoted()
         return parseDateTime(raw)
+
+    def nil(self) -> bool:
+        if self.line[self.pos : self.pos + 3].upper() == b"NIL" and not (
+            self.pos + 3 < len(self.line) and _IS_ATOM[self.line[self.pos + 3]]
+        ):
+            self.pos += 3
+            return True
+        return False
+
+    def modseq(self) -> int:
+        start = self.pos
+        while self.pos < len(self.line) and 0x30 <= self.line[self.pos] <= 0x39:
+            self.pos += 1
+        digits = self.line[start : self.pos]
+        if not digits or len(digits) > 20:
+            raise ParseError("expected a mod-sequence value")
+        value = int(digits)
+        if value >= 1 << 63:
+            raise ParseError("mod-sequence value out of range")
+        return value
+
+    def atomList(self) -> list:
+        """C{(ATOM ATOM ...)} (possibly empty), upper-cased."""
+        self.open()
+        out = []
+        while self.peek() != 0x29:
+            out.append(self.atom().upper())
+            if not self.maybeSp():
+                break
+        self.close()
+        return out
 
 
 _DATE_TIME = re.compile(rb"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)")
@@ -579,7 +625,24 @@ def _list(r, args):
     args["pattern"] = decodeMailboxName(r.listMailbox(), allowEmpty=True)
 
 
-_STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE")
+_STATUS_ITEMS = (
+    "MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE", "APPENDLIMIT", "DELETED",
+    "DELETED-STORAGE",
+)
+
+
+def _statusItems(r) -> list:
+    r.open()
+    items = []
+    while True:
+        item = r.atom().upper()
+        if item not in _STATUS_ITEMS:
+            raise ParseError(f"unknown status item {item}")
+        items.append(item)
+        if not r.maybeSp():
+            break
+    r.close()
+    return items
 
 
 def _status(r, args):
@@ -599,32 +662,79 @@ def _status(r, args):
     args["items"] = items
 
 
+def _appendOne(r) -> dict:
+    one = {"flags": [], "date": None, "binary": False, "utf8": False}
+    if r.peek() == 0x28:
+        one["flags"] = [f for f in r.flagList() if f != "\\Recent"]
+        r.sp()
+    if r.peek() == 0x22:
+        one["date"] = r.dateTime()
+        r.sp()
+    if r.line[r.pos : r.pos + 4].upper() == b"UTF8":
+        # UTF8 (~{n}) of RFC 6855
+        r.pos += 4
+        r.sp()
+        r.open()
+        if r.peek() != 0x7E:
+            raise ParseError("expected a literal8")
+        one["message"] = r.literal(allow8=True)
+        one["utf8"] = True
+        r.close()
+        return one
+    if r.peek() == 0x7E:
+        one["binary"] = True
+    elif r.peek() != 0x7B:
+        raise ParseError("expected a message literal")
+    one["message"] = r.literal(allow8=True)
+    return one
+
+
 def _append(r, args):
     r.sp()
     args["mailbox"] = r.mailbox()
     r.sp()
-    args["flags"] = []
-    args["date"] = None
-    if r.peek() == 0x28:
-        args["flags"] = [f for f in r.flagList() if f != "\\Recent"]
-        r.sp()
-    if r.peek() == 0x22:
-        args["date"] = r.dateTime()
-        r.sp()
-    if r.peek() != 0x7B:
-        raise ParseError("expected a message literal")
-    args["message"] = r.literal()
+    messages = [_appendOne(r)]
+    # MULTIAPPEND (RFC 3502): more messages follow, each with its own flags and date
+    while r.maybeSp():
+        messages.append(_appendOne(r))
+    args["messages"] = messages
+    first = messages[0]
+    args["flags"], args["date"], args["message"] = first["flags"], first["date"], first["message"]
 
 
 def _select(r, args):
     r.sp()
     args["mailbox"] = r.mailbox()
     args["params"] = []
+    args["qresync"] = None
     if r.maybeSp():
         r.open()
         params = []
         while r.peek() != 0x29:
-            params.append(r.atom().upper())
+            name = r.atom().upper()
+            params.append(name)
+            if name == "QRESYNC":
+                # QRESYNC (uidvalidity modseq [known-uids [(seq-set uid-set)]])
+                r.sp()
+                r.open()
+                q = {"uidvalidity": r.nzNumber(), "known": None, "seqMatch": None}
+                r.sp()
+                q["modseq"] = r.modseq()
+                if r.maybeSp():
+                    if r.peek() != 0x28:
+                        q["known"] = r.sequenceSet(allowSaved=False)
+                        r.maybeSp()
+                    if r.peek() == 0x28:
+                        r.open()
+                        seqs = r.sequenceSet(allowSaved=False)
+                        r.sp()
+                        uids = r.sequenceSet(allowSaved=False)
+                        r.close()
+                        q["seqMatch"] = (seqs, uids)
+                r.close()
+                args["qresync"] = q
+            elif name not in ("CONDSTORE",):
+                raise ParseError(f"unknown select parameter {name}")
             if not r.maybeSp():
                 break
         r.close()
@@ -636,12 +746,41 @@ def _fetch(r, args):
     args["set"] = r.sequenceSet()
     r.sp()
     args["atts"] = parseFetchAtts(r)
+    args["changedSince"] = None
+    args["vanished"] = False
+    if r.maybeSp():
+        # fetch modifiers (RFC 7162): (CHANGEDSINCE n [VANISHED])
+        r.open()
+        while True:
+            word = r.atom().upper()
+            if word == "CHANGEDSINCE":
+                r.sp()
+                args["changedSince"] = r.modseq()
+            elif word == "VANISHED":
+                args["vanished"] = True
+            else:
+                raise ParseError(f"unknown fetch modifier {word}")
+            if not r.maybeSp():
+                break
+        r.close()
+        if args["vanished"] and args["changedSince"] is None:
+            raise ParseError("VANISHED needs CHANGEDSINCE")
 
 
 def _store(r, args):
     r.sp()
     args["set"] = r.sequenceSet()
     r.sp()
+    args["unchangedSince"] = None
+    if r.peek() == 0x28:
+        r.open()
+        word = r.atom().upper()
+        if word != "UNCHANGEDSINCE":
+            raise ParseError(f"unknown store modifier {word}")
+        r.sp()
+        args["unchangedSince"] = r.modseq()
+        r.close()
+        r.sp()
     item = r.atom().upper()
     m = re.fullmatch(r"([+-]?)FLAGS(\.SILENT)?", item)
     if m is None:
@@ -672,8 +811,25 @@ def _uidExpunge(r, args):
     args["set"] = r.sequenceSet()
 
 
+_RETURN_OPTIONS = ("MIN", "MAX", "ALL", "COUNT", "SAVE")
+
+
+def _searchReturn(r, args):
+    """An optional C{RETURN (...)} (ESEARCH, RFC 4731; SAVE, RFC 5182)."""
+    args["return"] = None
+    if r.line[r.pos : r.pos + 7].upper() == b"RETURN ":
+        r.pos += 7
+        opts = r.atomList()
+        for o in opts:
+            if o not in _RETURN_OPTIONS:
+                raise ParseError(f"unknown search return option {o}")
+        args["return"] = opts or ["ALL"]
+        r.sp()
+
+
 def _search(r, args):
     r.sp()
+    _searchReturn(r, args)
     charset = None
     save = (r.index, r.line, r.pos)
     word = r._run(_IS_ATOM)
@@ -684,10 +840,189 @@ def _search(r, args):
     else:
         r.index, r.line, r.pos = save
     args["charset"] = charset
+    args["key"] = _searchKeys(r)
+
+
+def _searchKeys(r):
     keys = [parseSearchKey(r)]
     while r.maybeSp():
         keys.append(parseSearchKey(r))
-    args["key"] = keys[0] if len(keys) == 1 else ("and", tuple(keys))
+    return keys[0] if len(keys) == 1 else ("and", tuple(keys))
+
+
+SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO")
+THREAD_ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")
+
+
+def _sort(r, args):
+    r.sp()
+    _searchReturn(r, args)
+    r.open()
+    criteria = []
+    reverse = False
+    while True:
+        word = r.atom().upper()
+        if word == "REVERSE":
+            if reverse:
+                raise ParseError("REVERSE REVERSE")
+            reverse = True
+        elif word in SORT_KEYS:
+            criteria.append((word, reverse))
+            reverse = False
+        else:
+            raise ParseError(f"unknown sort key {word}")
+        if not r.maybeSp():
+            break
+    r.close()
+    if reverse or not criteria:
+        raise ParseError("bad sort criteria")
+    args["criteria"] = criteria
+    r.sp()
+    args["charset"] = r.astring().decode("ascii", "replace").upper()
+    r.sp()
+    args["key"] = _searchKeys(r)
+
+
+def _thread(r, args):
+    r.sp()
+    algorithm = r.atom().upper()
+    if algorithm not in THREAD_ALGORITHMS:
+        raise ParseError(f"unknown thread algorithm {algorithm}")
+    args["algorithm"] = algorithm
+    r.sp()
+    args["charset"] = r.astring().decode("ascii", "replace").upper()
+    r.sp()
+    args["key"] = _searchKeys(r)
+
+
+def _create(r, args):
+    r.sp()
+    args["mailbox"] = r.mailbox()
+    args["use"] = []
+    if r.maybeSp():
+        # CREATE-SPECIAL-USE (RFC 6154): (USE (\Drafts ...))
+        r.open()
+        word = r.atom().upper()
+        if word != "USE":
+            raise ParseError(f"unknown create parameter {word}")
+        r.sp()
+        r.open()
+        uses = []
+        while r.peek() != 0x29:
+            r.expect(b"\\")
+            uses.append("\\" + r.atom())
+            if not r.maybeSp():
+                break
+        r.close()
+        r.close()
+        args["use"] = uses
+
+
+_LIST_SELECT = ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE")
+_LIST_RETURN = ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS")
+
+
+def _listExtended(r, args):
+    """LIST [(selection)] reference (patterns | pattern) [RETURN (options)] (RFC 5258)."""
+    r.sp()
+    args["select"] = []
+    args["returns"] = []
+    args["status"] = None
+    args["extended"] = False
+    if r.peek() == 0x28:
+        args["select"] = r.atomList()
+        args["extended"] = True
+        for o in args["select"]:
+            if o not in _LIST_SELECT:
+                raise ParseError(f"unknown list selection option {o}")
+        if "RECURSIVEMATCH" in args["select"] and len(args["select"]) == 1:
+            raise ParseError("RECURSIVEMATCH needs another selection option")
+        r.sp()
+    args["reference"] = decodeMailboxName(r.astring(), allowEmpty=True)
+    r.sp()
+    if r.peek() == 0x28:
+        r.open()
+        patterns = []
+        while True:
+            patterns.append(decodeMailboxName(r.listMailbox(), allowEmpty=True))
+            if not r.maybeSp():
+                break
+        r.close()
+        args["patterns"] = patterns
+        args["extended"] = True
+    else:
+        args["patterns"] = [decodeMailboxName(r.listMailbox(), allowEmpty=True)]
+    args["pattern"] = args["patterns"][0]
+    if r.maybeSp():
+        if r.atom().upper() != "RETURN":
+            raise ParseError("expected RETURN")
+        r.sp()
+        r.open()
+        while r.peek() != 0x29:
+            o = r.atom().upper()
+            if o not in _LIST_RETURN:
+                raise ParseError(f"unknown list return option {o}")
+            if o == "STATUS":
+                r.sp()
+                args["status"] = _statusItems(r)
+            args["returns"].append(o)
+            if not r.maybeSp():
+                break
+        r.close()
+        args["extended"] = True
+
+
+def _enable(r, args):
+    caps = []
+    while r.maybeSp():
+        caps.append(r.atom().upper())
+    if not caps:
+        raise ParseError("ENABLE needs a capability")
+    args["capabilities"] = caps
+
+
+def _id(r, args):
+    r.sp()
+    args["params"] = None
+    if r.nil():
+        return
+    r.open()
+    params = {}
+    while r.peek() != 0x29:
+        key = r.string().decode("utf-8", "replace")
+        r.sp()
+        value = None if r.nil() else r.string().decode("utf-8", "replace")
+        if len(params) < 30:
+            params[key[:30]] = value
+        if not r.maybeSp():
+            break
+    r.close()
+    args["params"] = params
+
+
+def _quotaRoot(r, args):
+    r.sp()
+    args["root"] = r.astring().decode("utf-8", "replace")
+
+
+def _setQuota(r, args):
+    _quotaRoot(r, args)
+    r.sp()
+    r.open()
+    limits = {}
+    while r.peek() != 0x29:
+        name = r.atom().upper()
+        r.sp()
+        limits[name] = r.modseq()
+        if not r.maybeSp():
+            break
+    r.close()
+    args["limits"] = limits
+
+
+def _compress(r, args):
+    r.sp()
+    args["mechanism"] = r.atom().upper()
 
 
 _GRAMMARS = {
@@ -703,12 +1038,12 @@ _GRAMMARS = {
     "AUTHENTICATE": _authenticate,
     "SELECT": _select,
     "EXAMINE": _select,
-    "CREATE": _mailboxOnly,
+    "CREATE": _create,
     "DELETE": _mailboxOnly,
     "SUBSCRIBE": _mailboxOnly,
     "UNSUBSCRIBE": _mailboxOnly,
     "RENAME": _rename,
-    "LIST": _list,
+    "LIST": _listExtended,
     "LSUB": _list,
     "STATUS": _status,
     "APPEND": _append,
@@ -716,13 +1051,27 @@ _GRAMMARS = {
     "STORE": _store,
     "COPY": _copy,
     "SEARCH": _search,
+    "MOVE": _copy,
+    "SORT": _sort,
+    "THREAD": _thread,
+    "IDLE": _noArgs,
+    "NAMESPACE": _noArgs,
+    "ENABLE": _enable,
+    "ID": _id,
+    "GETQUOTA": _quotaRoot,
+    "GETQUOTAROOT": _mailboxOnly,
+    "SETQUOTA": _setQuota,
+    "COMPRESS": _compress,
 }
 
 _UID_GRAMMARS = {
     "FETCH": _fetch,
     "STORE": _store,
     "COPY": _copy,
+    "MOVE": _copy,
     "SEARCH": _search,
+    "SORT": _sort,
+    "THREAD": _thread,
     "EXPUNGE": _uidExpunge,
 }
 
@@ -769,6 +1118,29 @@ def _fetchAtt(r: _Reader) -> FetchAtt:
             r.expect(b">")
             partial = (origin, length)
         return FetchAtt("BODY[]", section, name == "BODY.PEEK", partial)
+    if name in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and r.peek() == 0x5B:
+        r.pos += 1
+        parts = []
+        while 0x30 <= r.peek() <= 0x39:
+            parts.append(r.nzNumber())
+            if len(parts) > 100:
+                raise ParseError("section too deep")
+            if r.peek() != 0x2E:
+                break
+            r.pos += 1
+        r.expect(b"]")
+        section = Section(tuple(parts))
+        if name == "BINARY.SIZE":
+            return FetchAtt("BINARY.SIZE", section)
+        partial = None
+        if r.peek() == 0x3C:
+            r.pos += 1
+            origin = r.number()
+            r.expect(b".")
+            length = r.nzNumber()
+            r.expect(b">")
+            partial = (origin, length)
+        return FetchAtt("BINARY[]", section, name == "BINARY.PEEK", partial)
     if name == "BODY":
         return FetchAtt("BODY")
     if name in _SIMPLE_ATTS:
@@ -865,9 +1237,24 @@ def parseSearchKey(r: _Reader):
             keys.append(parseSearchKey(r))
         r.close()
         return keys[0] if len(keys) == 1 else ("and", tuple(keys))
-    if c == 0x2A or 0x30 <= c <= 0x39:
+    if c == 0x2A or c == 0x24 or 0x30 <= c <= 0x39:
         return ("seq", r.sequenceSet())
     word = r.atom().upper()
+    if word == "MODSEQ":
+        # MODSEQ [entry-name entry-type] mod-sequence-valzer (RFC 7162)
+        r.sp()
+        if r.peek() == 0x22:
+            r.quoted()
+            r.sp()
+            kind = r.atom().lower()
+            if kind not in ("priv", "shared", "all"):
+                raise ParseError("bad MODSEQ entry type")
+            r.sp()
+        return ("modseq", r.modseq())
+    if word in ("OLDER", "YOUNGER"):
+        # WITHIN (RFC 5032)
+        r.sp()
+        return (word.lower(), r.nzNumber())
     if word in _FLAG_KEYS:
         return _FLAG_KEYS[word]
     if word in _HEADER_KEYS:
@@ -912,6 +1299,7 @@ def parseSearchKey(r: _Reader):
     if word == "UID":
         r.sp()
         return ("uid", r.sequenceSet())
+
     raise ParseError(f"unknown search key {word}")
 
 
@@ -990,6 +1378,12 @@ class CommandParser:
         """Forget everything received and not yet parsed (STARTTLS)."""
         self._buf.clear()
         self._reset()
+
+    def takeBuffered(self) -> bytes:
+        """Remove and return what was received and not yet parsed (COMPRESS starts after it)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
 
     def expectRawLine(self) -> None:
         """Return the next line as a L{RawLine} (an AUTHENTICATE response)."""

@@ -324,12 +324,117 @@ class MailboxEvent:
     A change committed to a mailbox: C{kind} is C{"append"}, C{"flags"},
     C{"expunge"}, C{"create"}, C{"delete"} or C{"rename"}; C{uids} are the
     messages concerned.
+
+    Optional detail a store SHOULD fill in so that listeners (thousands of
+    IDLE sessions) need not read the store back: C{metas}, the
+    L{MessageMeta} (without structure) of appended messages; C{changes},
+    the L{FlagChange}s of a C{"flags"} event; C{newName}, the new name of a
+    renamed mailbox.  Listeners MUST cope with them being empty.
     """
 
     user: str
     mailbox: str
     kind: str
     uids: tuple = ()
+    metas: tuple = field(default=(), compare=False)
+    changes: tuple = field(default=(), compare=False)
+    newName: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """
+    An account's quota (RFC 9208 resources): C{storage} in octets and
+    C{messages} in count; a limit of C{None} means unlimited.
+    """
+
+    storageUsed: int
+    storageLimit: Optional[int]
+    messagesUsed: int
+    messagesLimit: Optional[int]
+
+
+class ISearchIndex(Interface):
+    """
+    Optional: a store that answers searches and sort keys from an index
+    built at delivery, never by reading message content.  Checked with
+    C{ISearchIndex.providedBy(store)}; protocol layers fall back to reading
+    messages when a store does not provide it.
+
+    Query trees (tuples)::
+
+        ("all",)                      every message
+        ("and", (q, ...)) ("or", q1, q2) ("not", q)
+        ("uids", frozenset)           UID in the set
+        ("flag", name, present)       flag or keyword, case-insensitive
+        ("header", lowername, text)   the field exists and (when text is not
+                                      empty) contains text: a case-folded
+                                      substring of its raw or RFC 2047
+                                      decoded value
+        ("body", text)                substring of the body (raw or decoded
+                                      text parts), case-folded
+        ("text", text)                of the header or the body
+        ("date", "before"|"on"|"since", datetime.date, sent)
+                                      internal date's UTC day, or with
+                                      sent=True the Date field's own day
+                                      (no readable Date field: no match)
+        ("larger", n) ("smaller", n)  size in octets
+        ("modseq", n)                 MODSEQ >= n
+
+    Texts are given case-folded (C{str.casefold}).
+    """
+
+    def search(user, mailbox, query):
+        """Fires with the ascending list of UIDs of C{mailbox} matching C{query}."""
+
+    def indexData(user, mailbox, uids=None):
+        """
+        Fires with C{{uid: dict}} for the messages C{uids} (all when
+        C{None}): the keys of L{mailplat.mime.structure.indexFields} plus
+        C{size} and C{internalDate}.
+        """
+
+
+class IQuotaStore(Interface):
+    """
+    Optional: per-account limits on storage and message count.  A store
+    providing it MUST make L{IMessageStore.append} and
+    L{IMessageStore.copy} fail with L{QuotaExceeded} when the result would
+    exceed a limit (expunging and moving within the account are always
+    allowed).
+    """
+
+    def getQuota(user):
+        """Fires with the account's L{Quota}; fails with L{NoSuchAccount}."""
+
+    def setQuota(user, storage=None, messages=None):
+        """Set the limits (C{None}: unlimited).  Fires with the new L{Quota}."""
+
+
+class IVanishedStore(Interface):
+    """
+    Optional: remembers expunged UIDs with the MODSEQ of their expunge so a
+    client can resynchronise quickly (RFC 7162 QRESYNC, VANISHED).
+    """
+
+    def vanishedSince(user, mailbox, modseq):
+        """
+        Fires with the ascending UIDs expunged from C{mailbox} whose expunge
+        MODSEQ is greater than C{modseq} (for a store that forgot some,
+        possibly more UIDs than that: never fewer).
+        """
+
+
+class IContentStore(Interface):
+    """Optional: message content as a stream instead of one C{bytes}."""
+
+    def openContent(user, mailbox, uid):
+        """
+        Fires with a binary file object (readable, seekable, the caller
+        closes it) holding one message; fails with L{KeyError} if the UID
+        does not exist.  The content stays readable through that object
+        even if the message is expunged meanwhile.
+        """
 
 
 class IStoreFactory(Interface):

@@ -547,3 +547,223 @@ def findPart(structure: dict, path) -> dict | None:
             return None
         node = kids[number - 1]
     return node
+
+
+# --------------------------------------------------------------------------
+# index data: what stores keep per message so that SEARCH, SORT and THREAD
+# never read message files
+
+
+def decodeWords(value: str) -> str:
+    """RFC 2047 encoded-words decoded (best effort; the value unchanged on error)."""
+    if "=?" not in value:
+        return value
+    import email.header
+
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return value
+
+
+_SUBJ_TRAILER = re.compile(r"(?:\s|\(fwd\))+$", re.IGNORECASE)
+_SUBJ_BLOB = r"\[[^\[\]]*\]\s*"
+_SUBJ_LEADER = re.compile(r"^(?:" + _SUBJ_BLOB + r")*(?:re|fwd?)\s*(?:" + _SUBJ_BLOB + r")?:\s*", re.IGNORECASE)
+_SUBJ_BLOBONLY = re.compile(r"^" + _SUBJ_BLOB)
+_SUBJ_FWD = re.compile(r"^\[fwd:(.*)\]$", re.IGNORECASE | re.DOTALL)
+
+
+def baseSubject(subject) -> str:
+    """
+    The base subject of RFC 5256 section 2.1: RFC 2047 decoded, white space
+    collapsed, C{Re:}/C{Fwd:} leaders, C{[blob]}s, C{(fwd)} trailers and
+    C{[Fwd: ...]} wrappers removed, upper-cased for comparison.
+    """
+    if not subject:
+        return ""
+    s = re.sub(r"\s+", " ", decodeWords(subject)).strip()
+    while True:
+        while True:
+            t = _SUBJ_TRAILER.sub("", s)
+            if t == s:
+                break
+            s = t
+        while True:
+            t = _SUBJ_LEADER.sub("", s, count=1)
+            if t == s:
+                m = _SUBJ_BLOBONLY.match(s)
+                if m is not None and s[m.end():]:
+                    t = s[m.end():]
+            if t == s:
+                break
+            s = t
+        m = _SUBJ_FWD.match(s)
+        if m is None:
+            break
+        s = m.group(1).strip()
+    return s.upper()
+
+
+def _firstMailbox(addrs):
+    for a in addrs or ():
+        if a[2] is not None and a[3] is not None:
+            return a
+    return None
+
+
+def sortAddress(addrs) -> str:
+    """RFC 5256 sort key of an address list: the first mailbox's local part, upper-cased."""
+    a = _firstMailbox(addrs)
+    return (a[2] or "").upper() if a else ""
+
+
+def displayAddress(addrs) -> str:
+    """RFC 5957 display key: the first mailbox's decoded name, else its address."""
+    a = _firstMailbox(addrs)
+    if a is None:
+        return ""
+    if a[0]:
+        return decodeWords(a[0]).strip().upper()
+    return f"{a[2]}@{a[3]}".upper()
+
+
+def parseDateHeader(value):
+    """A Date field -> (POSIX seconds, day ordinal of its own date) or (None, None)."""
+    if not value:
+        return None, None
+    import datetime
+    import email.utils
+
+    try:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None, None
+        day = datetime.date(parsed[0], parsed[1], parsed[2]).toordinal()
+        return float(email.utils.mktime_tz(parsed)), day
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None, None
+
+
+_MSGID = re.compile(r"<[^<>\s]+>")
+
+
+def messageIds(value) -> list:
+    """The C{<id>}s in a Message-ID, In-Reply-To or References value."""
+    return _MSGID.findall(value or "")
+
+
+def headerText(structure) -> str:
+    """Every top-level header field as C{name: value} lines, 2047-decoded and case-folded."""
+    lines = []
+    for name, value in structure.get("headers", ()):
+        decoded = decodeWords(value)
+        lines.append(f"{name.lower()}: {value}" + (f" {decoded}" if decoded != value else ""))
+    return "\n".join(lines).casefold() + "\n"
+
+
+def _transferDecode(data: bytes, encoding: str) -> bytes:
+    import binascii
+    import quopri
+
+    try:
+        if encoding == "BASE64":
+            return binascii.a2b_base64(b"".join(data.split()))
+        if encoding == "QUOTED-PRINTABLE":
+            return quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        return data
+    return data
+
+
+def decodedBody(raw: bytes, part: dict) -> bytes:
+    """A leaf part's body with its content-transfer-encoding undone (BINARY, RFC 3516)."""
+    hs, bs, end = part["offsets"]
+    return _transferDecode(raw[bs:end], part.get("encoding", "7BIT"))
+
+
+def _texts(raw: bytes, part: dict, depth=0):
+    if depth > MAX_DEPTH:
+        return
+    if "parts" in part:
+        for p in part["parts"]:
+            yield from _texts(raw, p, depth + 1)
+        return
+    if "body" in part and "envelope" in part:
+        hs, bs, _ = part["body"]["offsets"]
+        yield text(raw[hs:bs])
+        yield from _texts(raw, part["body"], depth + 1)
+        return
+    if part["type"] != "text":
+        return
+    data = decodedBody(raw, part)
+    charset = _param(part["params"], "charset") or "utf-8"
+    try:
+        yield data.decode(charset, "replace")
+    except LookupError:
+        yield data.decode("utf-8", "replace")
+
+
+def bodyText(raw: bytes, structure: dict) -> str:
+    """
+    What BODY search looks in, case-folded: the decoded text of every
+    C{text/*} part and nested message header (content-transfer-encoding and
+    charset undone); a body with no text part at all is taken as it is.
+    """
+    body = structure["body"]
+    chunks = list(_texts(raw, body))
+    if not chunks:
+        hs, bs, end = body["offsets"]
+        chunks = [raw[bs:end].decode("utf-8", "replace")]
+    return "\n".join(chunks).casefold()
+
+
+def indexFields(structure: dict) -> dict:
+    """
+    The per-message index a store keeps for SEARCH, SORT and THREAD (all
+    text case-folded or upper-cased as noted)::
+
+        subject, from, to, cc, bcc   header text, decoded and case-folded
+        sentDate                      POSIX seconds of the Date field or None
+        sentDay                       date ordinal of the Date field's own day or None
+        sortSubject                   RFC 5256 base subject (upper case)
+        sortFrom, sortTo, sortCc      RFC 5256 address keys
+        displayFrom, displayTo        RFC 5957 display keys
+        messageId, inReplyTo, references   for THREAD=REFERENCES
+        isReply                       the subject had a reply/forward leader
+    """
+    env = structure.get("envelope") or {}
+    fields = {}
+    for name, value in structure.get("headers", ()):
+        fields.setdefault(name.lower(), []).append(value)
+
+    def joined(name):
+        vals = fields.get(name)
+        if not vals:
+            return ""
+        return "\n".join(v + (" " + decodeWords(v) if "=?" in v else "") for v in vals).casefold()
+
+    sentDate, sentDay = parseDateHeader(env.get("date"))
+    subject = env.get("subject") or ""
+    base = baseSubject(subject)
+    rawSubject = re.sub(r"\s+", " ", decodeWords(subject)).strip().upper()
+    ids = messageIds(env.get("message-id"))
+    refs = messageIds(" ".join(fields.get("references", ())))
+    return {
+        "subject": joined("subject"),
+        "from": joined("from"),
+        "to": joined("to"),
+        "cc": joined("cc"),
+        "bcc": joined("bcc"),
+        "sentDate": sentDate,
+        "sentDay": sentDay,
+        "sortSubject": base,
+        "isReply": base != rawSubject,
+        "sortFrom": sortAddress(env.get("from")),
+        "sortTo": sortAddress(env.get("to")),
+        "sortCc": sortAddress(env.get("cc")),
+        "displayFrom": displayAddress(env.get("from")),
+        "displayTo": displayAddress(env.get("to")),
+        "messageId": ids[0] if ids else None,
+        "inReplyTo": (messageIds(env.get("in-reply-to")) or [None])[0],
+        "references": refs,
+    }

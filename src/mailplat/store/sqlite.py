@@ -30,7 +30,13 @@ from mailplat.interfaces.storage import (
     DEFAULT_MAILBOXES,
     AccountExists,
     FlagChange,
+    IContentStore,
     IMessageStore,
+    IQuotaStore,
+    ISearchIndex,
+    IVanishedStore,
+    Quota,
+    QuotaExceeded,
     IStoreFactory,
     InvalidMailboxName,
     MailboxEvent,
@@ -81,15 +87,249 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE UNIQUE INDEX IF NOT EXISTS messages_delivery ON messages (mailbox, deliveryid)
     WHERE deliveryid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages (mailbox, modseq);
+-- Covers metadata reads (FETCH FLAGS/UID/RFC822.SIZE, SELECT) without
+-- touching the wide rows that hold the cached structure.
+CREATE INDEX IF NOT EXISTS messages_meta ON messages (mailbox, uid, flags, size, internaldate, modseq);
+CREATE TABLE IF NOT EXISTS msgindex (
+    mailbox INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
+    uid INTEGER NOT NULL,
+    subject TEXT, fromaddr TEXT, toaddr TEXT, cc TEXT, bcc TEXT, headers TEXT,
+    sentdate REAL, sentday INTEGER,
+    sortsubject TEXT, isreply INTEGER, sortfrom TEXT, sortto TEXT, sortcc TEXT,
+    displayfrom TEXT, displayto TEXT, messageid TEXT, inreplyto TEXT, refs TEXT,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS msgtext (
+    id INTEGER PRIMARY KEY,
+    mailbox INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
+    uid INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (mailbox, uid)
+);
+CREATE TABLE IF NOT EXISTS expunged (
+    mailbox INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
+    uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quotas (
+    user TEXT PRIMARY KEY REFERENCES accounts(user) ON DELETE CASCADE,
+    storage INTEGER,
+    messages INTEGER
+);
+CREATE TRIGGER IF NOT EXISTS messages_index_delete AFTER DELETE ON messages BEGIN
+    DELETE FROM msgindex WHERE mailbox=old.mailbox AND uid=old.uid;
+    DELETE FROM msgtext WHERE mailbox=old.mailbox AND uid=old.uid;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_index_move AFTER UPDATE OF mailbox, uid ON messages BEGIN
+    UPDATE msgindex SET mailbox=new.mailbox, uid=new.uid WHERE mailbox=old.mailbox AND uid=old.uid;
+    UPDATE msgtext SET mailbox=new.mailbox, uid=new.uid WHERE mailbox=old.mailbox AND uid=old.uid;
+END;
 """
+
+#: Full-text (trigram) index over msgtext, kept in step by triggers; made
+#: only where SQLite has FTS5.
+FTS_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS msgfts USING fts5(body, content='msgtext', content_rowid='id', tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS msgtext_ai AFTER INSERT ON msgtext BEGIN
+    INSERT INTO msgfts(rowid, body) VALUES (new.id, new.body);
+END;
+CREATE TRIGGER IF NOT EXISTS msgtext_ad AFTER DELETE ON msgtext BEGIN
+    INSERT INTO msgfts(msgfts, rowid, body) VALUES ('delete', old.id, old.body);
+END;
+"""
+
+_INDEX_COLUMNS = (
+    "subject", "fromaddr", "toaddr", "cc", "bcc", "headers", "sentdate", "sentday", "sortsubject", "isreply",
+    "sortfrom", "sortto", "sortcc", "displayfrom", "displayto", "messageid", "inreplyto", "refs",
+)
+_INDEX_KEYS = (
+    "subject", "from", "to", "cc", "bcc", "_headers", "sentDate", "sentDay", "sortSubject", "isReply",
+    "sortFrom", "sortTo", "sortCc", "displayFrom", "displayTo", "messageId", "inReplyTo", "references",
+)
+_HEADER_COLUMNS = {"subject": "subject", "from": "fromaddr", "to": "toaddr", "cc": "cc", "bcc": "bcc"}
+
+
+def _indexRow(content: bytes, structure: dict):
+    """(index column values, body text) of one message, for msgindex and msgtext."""
+    from mailplat.mime.structure import bodyText, headerText, indexFields
+
+    fields = indexFields(structure)
+    fields["_headers"] = headerText(structure)
+    fields["references"] = " ".join(fields["references"])
+    fields["isReply"] = int(fields["isReply"])
+    return tuple(fields[k] for k in _INDEX_KEYS), bodyText(content, structure)
+
+
+def _insertIndex(db, mid, uid, row, body):
+    db.execute(
+        f"INSERT OR REPLACE INTO msgindex (mailbox, uid, {', '.join(_INDEX_COLUMNS)})"
+        f" VALUES (?, ?, {', '.join('?' * len(_INDEX_COLUMNS))})",
+        (mid, uid, *row),
+    )
+    db.execute("DELETE FROM msgtext WHERE mailbox=? AND uid=?", (mid, uid))
+    db.execute("INSERT INTO msgtext (mailbox, uid, body) VALUES (?, ?, ?)", (mid, uid, body))
+
+
+def _headerMatch(headers, name, needle):
+    """SQL function: a field C{name} exists in C{headers} and contains C{needle}."""
+    if headers is None:
+        return 0
+    prefix = name + ": "
+    for line in headers.split("\n"):
+        if line.startswith(prefix) and (not needle or needle in line[len(prefix):]):
+            return 1
+    return 0
+
+
+def _flagMatch(flags, name):
+    """SQL function: C{flags} (space-separated) holds C{name}, case-insensitively."""
+    if not flags:
+        return 0
+    name = name.lower()
+    return int(any(f.lower() == name for f in flags.split()))
+
+
+class _QueryCompiler:
+    """An L{ISearchIndex} query tree -> an SQL condition over messages m, msgindex i."""
+
+    def __init__(self, fts: bool):
+        self.fts = fts
+        self.args: list = []
+        self.uidTables: list = []
+
+    def compile(self, q) -> str:
+        kind = q[0]
+        a = self.args
+        if kind == "all":
+            return "1"
+        if kind == "and":
+            parts = [self.compile(x) for x in q[1]]
+            return "(" + " AND ".join(parts or ["1"]) + ")"
+        if kind == "or":
+            return "(" + self.compile(q[1]) + " OR " + self.compile(q[2]) + ")"
+        if kind == "not":
+            return "(NOT " + self.compile(q[1]) + ")"
+        if kind == "uids":
+            uids = sorted(q[1])
+            if not uids:
+                return "0"
+            # Ranges keep the statement small for big contiguous sets.
+            ranges = []
+            lo = prev = uids[0]
+            for u in uids[1:]:
+                if u != prev + 1:
+                    ranges.append((lo, prev))
+                    lo = u
+                prev = u
+            ranges.append((lo, prev))
+            if len(ranges) > 200:
+                self.uidTables.append(uids)
+                a.append(len(self.uidTables) - 1)
+                return "mp_uidin(?, m.uid)"
+            conds = []
+            for lo, hi in ranges:
+                if lo == hi:
+                    conds.append("m.uid=?")
+                    a.append(lo)
+                else:
+                    conds.append("m.uid BETWEEN ? AND ?")
+                    a.extend((lo, hi))
+            return "(" + " OR ".join(conds) + ")"
+        if kind == "flag":
+            system = {"\\seen": "\\Seen", "\\answered": "\\Answered", "\\flagged": "\\Flagged",
+                      "\\deleted": "\\Deleted", "\\draft": "\\Draft"}.get(q[1].lower())
+            if system is not None:
+                a.append("% " + system + " %")
+                cond = "(' ' || m.flags || ' ' LIKE ?)"
+            else:
+                a.append(q[1])
+                cond = "mp_flag(m.flags, ?)"
+            return cond if q[2] else "(NOT " + cond + ")"
+        if kind == "larger":
+            a.append(q[1])
+            return "m.size > ?"
+        if kind == "smaller":
+            a.append(q[1])
+            return "m.size < ?"
+        if kind == "modseq":
+            a.append(q[1])
+            return "m.modseq >= ?"
+        if kind == "header":
+            name, needle = q[1], q[2]
+            column = _HEADER_COLUMNS.get(name)
+            if column is not None and needle:
+                a.append(needle)
+                return f"instr(i.{column}, ?) > 0"
+            a.extend((name, needle))
+            return "mp_header(i.headers, ?, ?)"
+        if kind == "body":
+            return self._body(q[1])
+        if kind == "text":
+            a.append(q[1])
+            return f"(instr(i.headers, ?) > 0 OR {self._body(q[1])})"
+        if kind == "date":
+            _, which, date, sent = q
+            if sent:
+                day = date.toordinal()
+                op = {"before": "<", "on": "=", "since": ">="}[which]
+                a.append(day)
+                return f"(i.sentday IS NOT NULL AND i.sentday {op} ?)"
+            import calendar
+            import datetime
+
+            start = calendar.timegm(date.timetuple())
+            end = start + 86400
+            if which == "before":
+                a.append(start)
+                return "m.internaldate < ?"
+            if which == "since":
+                a.append(start)
+                return "m.internaldate >= ?"
+            a.extend((start, end))
+            return "(m.internaldate >= ? AND m.internaldate < ?)"
+        raise ValueError(f"unknown query {kind!r}")
+
+    def _body(self, needle):
+        a = self.args
+        if self.fts and len(needle) >= 3:
+            a.append('"' + needle.replace('"', '""') + '"')
+            a.append(needle)
+            return (
+                "EXISTS (SELECT 1 FROM msgtext t WHERE t.mailbox=m.mailbox AND t.uid=m.uid AND t.id IN"
+                " (SELECT rowid FROM msgfts WHERE msgfts MATCH ?) AND instr(t.body, ?) > 0)"
+            )
+        a.append(needle)
+        return "EXISTS (SELECT 1 FROM msgtext t WHERE t.mailbox=m.mailbox AND t.uid=m.uid AND instr(t.body, ?) > 0)"
 
 
 def _flagsText(flags) -> str:
     return " ".join(sorted(flags))
 
 
+_EMPTY = frozenset()
+_flagSets: dict = {}
+
+
 def _flagsSet(text: str) -> frozenset:
-    return frozenset(text.split()) if text else frozenset()
+    if not text:
+        return _EMPTY
+    value = _flagSets.get(text)
+    if value is None:
+        value = frozenset(text.split())
+        if len(_flagSets) < 10000:
+            _flagSets[text] = value
+    return value
+
+
+_newMeta = MessageMeta.__new__
+
+
+def _meta(uid, flags, date, size, modseq, structure=None) -> MessageMeta:
+    """A L{MessageMeta} built without the frozen dataclass's per-field setattr (FETCH of 100,000 messages)."""
+    m = _newMeta(MessageMeta)
+    m.__dict__.update(uid=uid, flags=flags, internalDate=date, size=size, modseq=modseq, structure=structure)
+    return m
 
 
 def _analyze(content: bytes):
@@ -98,9 +338,30 @@ def _analyze(content: bytes):
     return analyze(content)
 
 
-@implementer(IMessageStore)
+def _hasFTS5() -> bool:
+    try:
+        db = sqlite3.connect(":memory:")
+        try:
+            db.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='trigram')")
+        finally:
+            db.close()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore)
 class SQLiteStore:
-    """An L{IMessageStore} in C{directory} (created if missing)."""
+    """
+    An L{IMessageStore} in C{directory} (created if missing).
+
+    Besides the index of flags, sizes and dates, every message gets a row of
+    search and sort keys (C{msgindex}: decoded header fields, sent date, RFC
+    5256 sort keys, message IDs) and its decoded body text (C{msgtext}, with
+    an FTS5 trigram index where SQLite has it) at delivery: SEARCH, SORT and
+    THREAD never read message files.  Messages stored before the index
+    existed are indexed in the background after L{open}.
+    """
 
     def __init__(self, directory: str, reactor=None):
         if reactor is None:
@@ -109,7 +370,8 @@ class SQLiteStore:
         self.directory = os.path.abspath(directory)
         self._dbPath = os.path.join(self.directory, "index.sqlite")
         self._messagesDir = os.path.join(self.directory, "messages")
-        self._db = Database(self._dbPath, SCHEMA, reactor, "mailplat-store-writer")
+        self._fts = _hasFTS5()
+        self._db = Database(self._dbPath, SCHEMA + (FTS_SCHEMA if self._fts else ""), reactor, "mailplat-store-writer")
         self._listeners = Listeners()
         self._uidvalidityLock = threading.Lock()
         self._lastUidvalidity = 0
@@ -119,7 +381,40 @@ class SQLiteStore:
     def open(self):
         os.makedirs(self._messagesDir, exist_ok=True)
         self._db.start()
+        self._backfillIndex()
         return defer.succeed(None)
+
+    def _backfillIndex(self):
+        """Index (in the writer, a batch at a time) messages that have no msgindex row."""
+
+        def apply(db):
+            rows = db.execute(
+                "SELECT m.mailbox, m.uid, m.file, m.structure FROM messages m LEFT JOIN msgindex i"
+                " ON i.mailbox=m.mailbox AND i.uid=m.uid WHERE i.uid IS NULL LIMIT 200"
+            ).fetchall()
+            for mid, uid, rel, structure in rows:
+                try:
+                    with open(os.path.join(self._messagesDir, rel), "rb") as f:
+                        content = f.read()
+                except OSError:
+                    continue
+                try:
+                    st = json.loads(structure) if structure else None
+                except ValueError:
+                    st = None
+                from mailplat.mime.structure import STRUCTURE_VERSION
+
+                if not isinstance(st, dict) or st.get("version") != STRUCTURE_VERSION:
+                    st = _analyze(content)
+                row, body = _indexRow(content, st)
+                _insertIndex(db, mid, uid, row, body)
+            return len(rows)
+
+        def again(n):
+            if n == 200:
+                self._backfillIndex()
+
+        self._write(apply).addCallbacks(again, lambda f: None)
 
     def close(self):
         return self._db.stop()
@@ -289,7 +584,7 @@ class SQLiteStore:
         validity = self._newUidvalidity()
 
         def apply(db):
-            mid, old, _, _, _, special = self._mailboxRow(db, user, oldName)
+            mid, old, _, _, highest, special = self._mailboxRow(db, user, oldName)
             if db.execute("SELECT 1 FROM mailboxes WHERE user=? AND name=?", (user, new)).fetchone():
                 raise MailboxExists(f"mailbox exists: {new}")
             if old == "INBOX":
@@ -309,14 +604,23 @@ class SQLiteStore:
                     "UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (len(rows) + 1, len(rows) + 1, newId)
                 )
                 db.execute("UPDATE mailboxes SET highestmodseq=highestmodseq+1 WHERE id=?", (mid,))
-            else:
-                rows = db.execute("SELECT id, name FROM mailboxes WHERE user=?", (user,)).fetchall()
-                for rid, rname in rows:
-                    if rname == old or rname.startswith(old + "/"):
-                        db.execute("UPDATE mailboxes SET name=? WHERE id=?", (new + rname[len(old):], rid))
-            return old
+                db.executemany(
+                    "INSERT OR REPLACE INTO expunged VALUES (?, ?, ?)", [(mid, uid, highest + 1) for (uid,) in rows]
+                )
+                events = []
+                if rows:
+                    events.append(MailboxEvent(user, "INBOX", "expunge", tuple(uid for (uid,) in rows)))
+                events.append(MailboxEvent(user, new, "create"))
+                return events
+            events = []
+            rows = db.execute("SELECT id, name FROM mailboxes WHERE user=?", (user,)).fetchall()
+            for rid, rname in rows:
+                if rname == old or rname.startswith(old + "/"):
+                    db.execute("UPDATE mailboxes SET name=? WHERE id=?", (new + rname[len(old):], rid))
+                    events.append(MailboxEvent(user, rname, "rename", newName=new + rname[len(old):]))
+            return events
 
-        return self._write(apply, events=lambda old: [MailboxEvent(user, old, "rename")]).addCallback(lambda _: None)
+        return self._write(apply, events=lambda events: events).addCallback(lambda _: None)
 
     def setSubscribed(self, user, name, subscribed):
         try:
@@ -364,7 +668,9 @@ class SQLiteStore:
                 synced = [path] if os.stat(path).st_nlink == 1 else []
             state["path"] = path
             state["size"] = len(content)
-            state["structure"] = json.dumps(_analyze(content), separators=(",", ":"))
+            structure = _analyze(content)
+            state["structure"] = json.dumps(structure, separators=(",", ":"))
+            state["index"] = _indexRow(content, structure)
             return synced, [os.path.dirname(path)]
 
         def apply(db):
@@ -377,6 +683,7 @@ class SQLiteStore:
                 if row is not None:
                     state["duplicate"] = True
                     return (uidvalidity, row[0])
+            self._checkQuota(db, user, state["size"], 1)
             modseq = highest + 1
             db.execute(
                 "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, deliveryid, structure)"
@@ -385,6 +692,8 @@ class SQLiteStore:
                  flagsText, deliveryId, state["structure"]),
             )
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext + 1, modseq, mid))
+            _insertIndex(db, mid, uidnext, *state["index"])
+            state["meta"] = MessageMeta(uidnext, normaliseFlags(flags), date, state["size"], modseq)
             return (uidvalidity, uidnext)
 
         def after(result):
@@ -398,7 +707,7 @@ class SQLiteStore:
         def events(result):
             if state.get("duplicate"):
                 return []
-            return [MailboxEvent(user, state["canon"], "append", (result[1],))]
+            return [MailboxEvent(user, state["canon"], "append", (result[1],), metas=(state["meta"],))]
 
         return self._write(apply, prepare, after, onFailure, events)
 
@@ -420,12 +729,9 @@ class SQLiteStore:
             if wanted is not None and len(wanted) > 500:
                 keep = set(wanted)
                 rows = [r for r in rows if r[0] in keep]
-            return [
-                MessageMeta(
-                    r[0], _flagsSet(r[1]), r[2], r[3], r[4], json.loads(r[5]) if withStructure and r[5] else None
-                )
-                for r in rows
-            ]
+            if not withStructure:
+                return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4]) for r in rows]
+            return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4], json.loads(r[5]) if r[5] else None) for r in rows]
 
         return self._read(run)
 
@@ -484,12 +790,18 @@ class SQLiteStore:
             state["changed"] = changed
             return changes, failed
 
-        return self._write(
-            apply,
-            events=lambda r: [MailboxEvent(user, state["canon"], "flags", tuple(state["changed"]))]
-            if state["changed"]
-            else [],
-        )
+        def events(result):
+            if not state["changed"]:
+                return []
+            changed = set(state["changed"])
+            return [
+                MailboxEvent(
+                    user, state["canon"], "flags", tuple(state["changed"]),
+                    changes=tuple(c for c in result[0] if c.uid in changed),
+                )
+            ]
+
+        return self._write(apply, events=events)
 
     @staticmethod
     def _rowsFor(db, mid, wanted, cols):
@@ -517,6 +829,7 @@ class SQLiteStore:
                 rows = [r for r in rows if r[0] in keep]
             for uid, _ in rows:
                 db.execute("DELETE FROM messages WHERE mailbox=? AND uid=?", (mid, uid))
+                db.execute("INSERT OR REPLACE INTO expunged VALUES (?, ?, ?)", (mid, uid, highest + 1))
             if rows:
                 db.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (highest + 1, mid))
             state["files"] = [r[1] for r in rows]
@@ -550,8 +863,11 @@ class SQLiteStore:
             state["src"], state["dst"] = src[1], dst[1]
             linked = dict(state["links"])
             rows = self._rowsFor(db, src[0], wanted, "uid, file, size, internaldate, flags, structure")
+            if not move:
+                self._checkQuota(db, user, sum(r[2] for r in rows), len(rows))
             uidnext, highest = dst[3], dst[4]
-            mapping, removed = [], []
+            srcModseq = src[4] + 1
+            mapping, removed, metas = [], [], []
             for uid, rel, size, date, flags, structure in rows:
                 target = linked.pop(uid, None)
                 if target is None:
@@ -562,16 +878,30 @@ class SQLiteStore:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (dst[0], uidnext, os.path.relpath(target, self._messagesDir), size, date, highest, flags, structure),
                 )
+                cols = ", ".join(_INDEX_COLUMNS)
+                db.execute(
+                    f"INSERT OR REPLACE INTO msgindex (mailbox, uid, {cols}) SELECT ?, ?, {cols} FROM msgindex"
+                    " WHERE mailbox=? AND uid=?",
+                    (dst[0], uidnext, src[0], uid),
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO msgtext (mailbox, uid, body) SELECT ?, ?, body FROM msgtext"
+                    " WHERE mailbox=? AND uid=?",
+                    (dst[0], uidnext, src[0], uid),
+                )
                 mapping.append((uid, uidnext))
+                metas.append(MessageMeta(uidnext, _flagsSet(flags), date, size, highest))
                 uidnext += 1
                 if move:
                     db.execute("DELETE FROM messages WHERE mailbox=? AND uid=?", (src[0], uid))
+                    db.execute("INSERT OR REPLACE INTO expunged VALUES (?, ?, ?)", (src[0], uid, srcModseq))
                     removed.append(rel)
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, highest, dst[0]))
             if move and mapping:
                 db.execute("UPDATE mailboxes SET highestmodseq=highestmodseq+1 WHERE id=?", (src[0],))
             state["unused"] = list(linked.values())
             state["removed"] = removed
+            state["metas"] = tuple(metas)
             return dst[2], mapping
 
         def after(result):
@@ -585,7 +915,7 @@ class SQLiteStore:
             mapping = result[1]
             if not mapping:
                 return []
-            out = [MailboxEvent(user, state["dst"], "append", tuple(n for _, n in mapping))]
+            out = [MailboxEvent(user, state["dst"], "append", tuple(n for _, n in mapping), metas=state["metas"])]
             if move:
                 out.append(MailboxEvent(user, state["src"], "expunge", tuple(u for u, _ in mapping)))
             return out
@@ -604,6 +934,112 @@ class SQLiteStore:
 
     def addListener(self, user, listener):
         return self._listeners.add(user, listener)
+
+    # --- optional interfaces ------------------------------------------------
+
+    def _checkQuota(self, db, user, addBytes, addMessages):
+        row = db.execute("SELECT storage, messages FROM quotas WHERE user=?", (user,)).fetchone()
+        if row is None or (row[0] is None and row[1] is None):
+            return
+        usedBytes, usedMessages = self._usage(db, user)
+        if row[0] is not None and usedBytes + addBytes > row[0]:
+            raise QuotaExceeded("storage quota exceeded")
+        if row[1] is not None and usedMessages + addMessages > row[1]:
+            raise QuotaExceeded("message count quota exceeded")
+
+    @staticmethod
+    def _usage(db, user):
+        return db.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages WHERE mailbox IN"
+            " (SELECT id FROM mailboxes WHERE user=?)",
+            (user,),
+        ).fetchone()
+
+    def getQuota(self, user):
+        def run(db):
+            if not db.execute("SELECT 1 FROM accounts WHERE user=?", (user,)).fetchone():
+                raise NoSuchAccount(f"no such account: {user}")
+            row = db.execute("SELECT storage, messages FROM quotas WHERE user=?", (user,)).fetchone() or (None, None)
+            usedBytes, usedMessages = self._usage(db, user)
+            return Quota(usedBytes, row[0], usedMessages, row[1])
+
+        return self._read(run)
+
+    def setQuota(self, user, storage=None, messages=None):
+        def apply(db):
+            if not db.execute("SELECT 1 FROM accounts WHERE user=?", (user,)).fetchone():
+                raise NoSuchAccount(f"no such account: {user}")
+            db.execute("INSERT OR REPLACE INTO quotas VALUES (?, ?, ?)", (user, storage, messages))
+
+        return self._write(apply).addCallback(lambda _: self.getQuota(user))
+
+    def vanishedSince(self, user, mailbox, modseq):
+        def run(db):
+            mid = self._mailboxRow(db, user, mailbox)[0]
+            return [
+                r[0] for r in db.execute(
+                    "SELECT uid FROM expunged WHERE mailbox=? AND modseq > ? ORDER BY uid", (mid, modseq)
+                )
+            ]
+
+        return self._read(run)
+
+    def openContent(self, user, mailbox, uid):
+        def run(db):
+            mid = self._mailboxRow(db, user, mailbox)[0]
+            row = db.execute("SELECT file FROM messages WHERE mailbox=? AND uid=?", (mid, uid)).fetchone()
+            if row is None:
+                raise KeyError(uid)
+            return open(os.path.join(self._messagesDir, row[0]), "rb")
+
+        return self._read(run)
+
+    def search(self, user, mailbox, query):
+        compiler = _QueryCompiler(self._fts)
+        try:
+            cond = compiler.compile(query)
+        except Exception as e:
+            return defer.fail(e)
+
+        def run(db):
+            mid = self._mailboxRow(db, user, mailbox)[0]
+            sets = [frozenset(t) for t in compiler.uidTables]
+            db.create_function("mp_header", 3, _headerMatch, deterministic=True)
+            db.create_function("mp_flag", 2, _flagMatch, deterministic=True)
+            db.create_function("mp_uidin", 2, lambda i, u: int(u in sets[i]))
+            sql = (
+                "SELECT m.uid FROM messages m LEFT JOIN msgindex i ON i.mailbox=m.mailbox AND i.uid=m.uid"
+                f" WHERE m.mailbox=? AND {cond} ORDER BY m.uid"
+            )
+            return [r[0] for r in db.execute(sql, [mid, *compiler.args])]
+
+        return self._read(run)
+
+    def indexData(self, user, mailbox, uids=None):
+        wanted = None if uids is None else set(uids)
+
+        def run(db):
+            mid = self._mailboxRow(db, user, mailbox)[0]
+            out = {}
+            cols = ", ".join("i." + c for c in _INDEX_COLUMNS)
+            for row in db.execute(
+                f"SELECT m.uid, m.size, m.internaldate, {cols} FROM messages m LEFT JOIN msgindex i"
+                " ON i.mailbox=m.mailbox AND i.uid=m.uid WHERE m.mailbox=?",
+                (mid,),
+            ):
+                if wanted is not None and row[0] not in wanted:
+                    continue
+                entry = {k: v for k, v in zip(_INDEX_KEYS, row[3:]) if not k.startswith("_")}
+                entry["references"] = (entry["references"] or "").split()
+                entry["isReply"] = bool(entry["isReply"])
+                for k in ("sortSubject", "sortFrom", "sortTo", "sortCc", "displayFrom", "displayTo"):
+                    entry[k] = entry[k] or ""
+                entry["size"] = row[1]
+                entry["internalDate"] = row[2]
+                out[row[0]] = entry
+            return out
+
+        return self._read(run)
 
     # --- helpers --------------------------------------------------------------
 
