@@ -451,3 +451,17 @@ def test_property_path_parser_raises_only_smtp_errors(text):
             # whatever is accepted parses again to the same address
             if path.address and path.address != "Postmaster":
                 assert parseMailbox(path.address) == path.address
+
+
+@pytest.mark.parametrize("address", ["0@@", "a@@example.org", "@a@example.org", "a@b@"])
+def test_strayAtSignsAreSyntaxErrorsNotRelayAttempts(address):
+    # Found by the property test above: "0@@" was answered 550 5.7.1.
+    with pytest.raises(wire.SMTPError) as e:
+        wire.parseRcpt(f"TO:<{address}>")
+    assert e.value.reply.code == 501, e.value.reply
+
+
+def test_wellFormedDoubleAtIsARelayAttempt():
+    with pytest.raises(wire.SMTPError) as e:
+        wire.parseRcpt("TO:<user@other.example@example.org>")
+    assert (e.value.reply.code, e.value.reply.enhanced) == (550, "5.7.1")

@@ -369,7 +369,12 @@ def parseMailbox(text: str, utf8: bool = False) -> str:
         if not at:
             raise ValueError("missing @")
         if "@" in local:
-            raise RelayTrick("more than one @ in the address")
+            # Only a well-formed user@other@ours is a relay attempt; anything
+            # else with a stray "@" (such as "0@@") is plain bad syntax.
+            bare = domain[:-1] if domain.endswith(".") and not domain.endswith("..") else domain
+            if all(local.split("@")) and ((isUTF8Domain(bare) if utf8 else isDomain(bare)) or isAddressLiteral(bare)):
+                raise RelayTrick("more than one @ in the address")
+            raise ValueError("bad local part")
         if not dotString.match(local):
             raise ValueError("bad local part")
     if len(local.encode("utf-8")) > MAX_LOCAL_PART:
