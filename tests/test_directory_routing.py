@@ -3,7 +3,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mailplat.directory import Directory, DirectoryError
-from mailplat.interfaces.routing import LocalDestination, RemoteDestination, RoutingRequest
+from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route, RoutingRequest
 from mailplat.routing.directory import DirectoryRouter
 
 
@@ -45,10 +45,25 @@ class RouterTests(unittest.TestCase):
         self.router = DirectoryRouter(makeDirectory(self.mktemp()), reactor, trustedNetworks=["10.0.0.0/8"])
 
     def route(self, address, **kw):
-        return defer.ensureDeferred(self._route(address, **kw))
+        return defer.maybeDeferred(self.router.route, RoutingRequest(address, **kw))
 
-    async def _route(self, address, **kw):
-        return await self.router.route(RoutingRequest(address, **kw))
+    @defer.inlineCallbacks
+    def test_snapshotAnswersWithoutTheDisk(self):
+        yield self.route("alice@example.org")
+        while self.router._refreshing is not None:
+            yield self.router._refreshing
+        r = self.router.route(RoutingRequest("bob@example.org"))
+        self.assertIsInstance(r, Route, "a known user is answered from memory, synchronously")
+        self.assertEqual(r.destinations, (LocalDestination("bob@example.org"),))
+
+    @defer.inlineCallbacks
+    def test_newUserIsNeverRefusedFromAStaleSnapshot(self):
+        yield self.route("alice@example.org")
+        while self.router._refreshing is not None:
+            yield self.router._refreshing
+        self.router._directory.addUser("carol@example.org", "hash-c")
+        r = yield self.route("carol@example.org")
+        self.assertEqual(r.destinations, (LocalDestination("carol@example.org"),))
 
     @defer.inlineCallbacks
     def test_localUsersAliasesSubaddresses(self):

@@ -36,10 +36,10 @@ class QueueTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_commitIsDurableAndSettles(self):
         qid = yield self.commit(envelope(LocalDestination("a@example.org"), LocalDestination("b@example.org")))
-        with open(self.queue.path(qid), "rb") as f:
-            self.assertEqual(f.read(), MSG)
+        self.assertFalse(os.path.exists(self.queue.path(qid)), "a small message is kept inline")
         [entry] = yield self.queue.due(reactor.seconds() + 1)
         self.assertEqual(entry.queueId, qid)
+        self.assertEqual((entry.content, entry.path), (MSG, ""))
         self.assertEqual(entry.pending, ("r0@example.org", "r1@example.org"))
         self.assertEqual(entry.envelope.routes[1].destinations, (LocalDestination("b@example.org"),))
         yield self.queue.settle(qid, ["r0@example.org"], [], [("r1@example.org", "4.0.0 later")], retryAt=10 ** 10)
@@ -57,6 +57,18 @@ class QueueTests(unittest.TestCase):
         with open(self.queue.path(qid), "rb") as f:
             self.assertEqual(f.read(), big)
         self.assertEqual(os.listdir(os.path.join(self.dir, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_largerThanInlineGoesToAFile(self):
+        self.queue.inlineSize = 10
+        self.queue.spillSize = 1 << 20
+        qid = yield self.commit(envelope(LocalDestination("a@example.org")))
+        with open(self.queue.path(qid), "rb") as f:
+            self.assertEqual(f.read(), MSG)
+        [entry] = yield self.queue.listEntries()
+        self.assertIsNone(entry.content)
+        yield self.queue.settle(qid, ["r0@example.org"], [], [])
+        self.assertFalse(os.path.exists(self.queue.path(qid)))
 
     @defer.inlineCallbacks
     def test_abortLeavesNothing(self):

@@ -74,6 +74,7 @@ class HTTPConfig:
 class Config:
     hostname: str = "localhost"
     data: str = "./mailplat-data"
+    log_level: str = "info"
     certificate: str = ""
     key: str = ""
     plaintext_auth: str = "loopback"
@@ -230,9 +231,14 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     top = c.table(raw, "", {"server", "tls", "store", "queue", "auth", "routing", "hooks", "processors",
                             "converters", "smtp", "imap", "pop3", "http"})
 
-    server = c.table(top.get("server", {}), "server", {"hostname", "data"})
+    server = c.table(top.get("server", {}), "server", {"hostname", "data", "log_level"})
     hostname = c.string(server, "hostname", "server", base.hostname)
     data = c.string(server, "data", "server", base.data)
+    from mailplat.log import LEVELS
+
+    logLevel = c.string(server, "log_level", "server", base.log_level)
+    if logLevel not in LEVELS:
+        c.error("server.log_level", f"must be one of {', '.join(LEVELS)}")
 
     tls = c.table(top.get("tls", {}), "tls", {"certificate", "key"})
     certificate = c.string(tls, "certificate", "tls", "", nonEmpty=False)
@@ -321,7 +327,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     if c.errors:
         raise ConfigError([f"{source}: {e}" for e in c.errors])
     return Config(
-        hostname=hostname, data=data, certificate=certificate, key=key, plaintext_auth=plaintext,
+        hostname=hostname, data=data, log_level=logLevel, certificate=certificate, key=key, plaintext_auth=plaintext,
         store=store, queue=queue, retry_schedule=retry, checkers=tuple(checkers), router=router,
         hooks=hooks, processors=processors, converters=converters,
         smtp=smtp, imap=imap, pop3=pop3, http=http, source=source,

@@ -76,14 +76,37 @@ class Directory:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._db()._db.executescript(_SCHEMA)
 
-    def _db(self) -> sqlite3.Connection:
+    def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             self._local.db = db
-        return _Tx(db)
+        return db
+
+    def _db(self) -> "_Tx":
+        """A write transaction (BEGIN IMMEDIATE)."""
+        return _Tx(self._connection())
+
+    def _read(self) -> "_Tx":
+        """A read transaction: takes no lock, never waits for writers (WAL)."""
+        return _Tx(self._connection(), "BEGIN")
+
+    def dataVersion(self) -> int:
+        """Changes whenever another connection commits a change (for caches)."""
+        return self._connection().execute("PRAGMA data_version").fetchone()[0]
+
+    def snapshot(self) -> "DirectorySnapshot":
+        """Everything routing needs, read in one transaction."""
+        with self._read() as db:
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            domains = {r[0] for r in db.execute("SELECT name FROM domains")}
+            users = {r[0] for r in db.execute("SELECT address FROM users")}
+            aliases: dict[str, list[str]] = {}
+            for a, t in db.execute("SELECT address, target FROM aliases ORDER BY address, target"):
+                aliases.setdefault(a, []).append(t)
+        return DirectorySnapshot(version, frozenset(domains), frozenset(users), aliases)
 
     # domains
 
@@ -106,7 +129,7 @@ class Directory:
             db.execute("DELETE FROM aliases WHERE address LIKE ?", ("%@" + d,))
 
     def listDomains(self) -> list[str]:
-        with self._db() as db:
+        with self._read() as db:
             return [r[0] for r in db.execute("SELECT name FROM domains ORDER BY name")]
 
     def hasDomain(self, domain: str) -> bool:
@@ -114,7 +137,7 @@ class Directory:
             d = normaliseDomain(domain)
         except DirectoryError:
             return False
-        with self._db() as db:
+        with self._read() as db:
             return db.execute("SELECT 1 FROM domains WHERE name=?", (d,)).fetchone() is not None
 
     # users
@@ -159,7 +182,7 @@ class Directory:
             a = normaliseAddress(address)
         except DirectoryError:
             return None
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT secret FROM scram WHERE address=?", (a,)).fetchone()
         return row[0] if row else None
 
@@ -177,7 +200,7 @@ class Directory:
             a = normaliseAddress(address)
         except DirectoryError:
             return None
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT password FROM users WHERE address=?", (a,)).fetchone()
         return row[0] if row else None
 
@@ -186,11 +209,11 @@ class Directory:
             a = normaliseAddress(address)
         except DirectoryError:
             return False
-        with self._db() as db:
+        with self._read() as db:
             return db.execute("SELECT 1 FROM users WHERE address=?", (a,)).fetchone() is not None
 
     def listUsers(self) -> list[str]:
-        with self._db() as db:
+        with self._read() as db:
             return [r[0] for r in db.execute("SELECT address FROM users ORDER BY address")]
 
     # aliases
@@ -219,24 +242,54 @@ class Directory:
 
     def listAliases(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        with self._db() as db:
+        with self._read() as db:
             for a, t in db.execute("SELECT address, target FROM aliases ORDER BY address, target"):
                 out.setdefault(a, []).append(t)
         return out
 
     def aliasTargets(self, address: str) -> list[str]:
-        with self._db() as db:
+        with self._read() as db:
             return [r[0] for r in db.execute("SELECT target FROM aliases WHERE address=? ORDER BY target", (address,))]
 
 
-class _Tx:
-    """A connection used as one transaction (BEGIN IMMEDIATE .. COMMIT/ROLLBACK)."""
+class DirectorySnapshot:
+    """
+    The routing data at one moment, in memory: answers the same questions as
+    L{Directory} (C{hasDomain}, C{hasUser}, C{aliasTargets}) without touching
+    the disk.
+    """
 
-    def __init__(self, db):
+    def __init__(self, version, domains, users, aliases):
+        self.version = version
+        self.domains = domains
+        self.users = users
+        self.aliases = aliases
+
+    def hasDomain(self, domain):
+        try:
+            return normaliseDomain(domain) in self.domains
+        except DirectoryError:
+            return False
+
+    def hasUser(self, address):
+        try:
+            return normaliseAddress(address) in self.users
+        except DirectoryError:
+            return False
+
+    def aliasTargets(self, address):
+        return list(self.aliases.get(address, ()))
+
+
+class _Tx:
+    """A connection used as one transaction (BEGIN IMMEDIATE, or the given BEGIN, .. COMMIT/ROLLBACK)."""
+
+    def __init__(self, db, begin="BEGIN IMMEDIATE"):
         self._db = db
+        self._begin = begin
 
     def __enter__(self):
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(self._begin)
         return self._db
 
     def __exit__(self, exc_type, exc, tb):

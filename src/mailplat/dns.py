@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.names import client, dns, error
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 
 class DNSError(Exception):

@@ -24,6 +24,8 @@ from twisted.application import service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailplat import plugins
@@ -40,7 +42,7 @@ from mailplat.interfaces.routing import IRouter
 from mailplat.interfaces.storage import IMessageStore
 from mailplat.metrics import Metrics
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 PluginChoiceText = PluginChoice("text")
 
@@ -53,6 +55,9 @@ class Platform:
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config if config is not None else defaultConfig()
+        from mailplat import log
+
+        log.setLevel(self.config.log_level)
         self.dataDir = self.config.dataDir
         os.makedirs(self.dataDir, exist_ok=True)
         self.metrics = Metrics()

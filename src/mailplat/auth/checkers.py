@@ -12,11 +12,13 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from zope.interface import implementer
 
 from mailplat.auth.passwords import verifyPassword
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 
 def _username(credentials) -> str:

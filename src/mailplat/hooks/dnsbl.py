@@ -25,6 +25,8 @@ import ipaddress
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DomainError
 from twisted.plugin import IPlugin
@@ -33,7 +35,7 @@ from zope.interface import implementer
 from mailplat.hooks import Args, PassThroughHook, inNetworks, parseAddress
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 _ERROR_ANSWERS = ipaddress.ip_network("127.255.255.0/24")
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")

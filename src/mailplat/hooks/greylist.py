@@ -23,13 +23,15 @@ import collections
 import ipaddress
 
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailplat.hooks import Args, PassThroughHook, inNetworks, parseAddress
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 
 @implementer(ISMTPHook)

@@ -24,13 +24,15 @@ from __future__ import annotations
 import collections
 
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailplat.hooks import Args, PassThroughHook, clientKey, inNetworks
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 
 class _Window:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -26,7 +28,7 @@ from mailplat.hooks import Args, PassThroughHook
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 from mailplat.interfaces.routing import LocalDestination, RoutingRequest
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 
 @implementer(ISMTPHook)

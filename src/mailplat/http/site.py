@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.web import resource, server
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE = b"application/json"

@@ -79,6 +79,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.python.failure import Failure
 
 from zope.interface import implementer
@@ -107,7 +109,7 @@ from mailplat.interfaces.storage import (
     TemporaryStoreFailure,
 )
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 DELIMITER = "/"
 BASE_CAPABILITIES = (

@@ -35,7 +35,11 @@ class Envelope:
 
 @dataclass(frozen=True)
 class QueueEntry:
-    """One queued message as the runner sees it."""
+    """
+    One queued message as the runner sees it.  Its content is C{content} when
+    the queue keeps it inline (small messages), otherwise the file at C{path}
+    (then C{content} is C{None}).
+    """
 
     queueId: str
     envelope: Envelope
@@ -44,6 +48,7 @@ class QueueEntry:
     arrival: float
     attempts: int = 0
     pending: tuple = ()
+    content: bytes | None = field(default=None, repr=False, compare=False)
 
 
 class IQueueTransaction(Interface):

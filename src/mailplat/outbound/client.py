@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 TIMEOUTS = {
     "greeting": 300,

@@ -24,6 +24,8 @@ from twisted.internet import defer, endpoints, ssl
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 
+from mailplat.log import observer as logObserver
+
 from mailplat.dns import DNSError, MailHost
 from mailplat.outbound.client import (
     ClientPolicy,
@@ -35,7 +37,7 @@ from mailplat.outbound.client import (
     Transaction,
 )
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 
 @dataclass

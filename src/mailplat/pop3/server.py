@@ -95,6 +95,8 @@ from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -105,7 +107,7 @@ from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import StoreError, TemporaryStoreFailure
 from mailplat.pop3 import wire
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 MAILDROP = "INBOX"
 

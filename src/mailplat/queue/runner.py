@@ -21,11 +21,13 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from mailplat.log import observer as logObserver
+
 from mailplat.interfaces.processing import ProcessingItem
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination
 from mailplat.interfaces.storage import NoSuchAccount, NoSuchMailbox, TemporaryStoreFailure
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 #: Seconds before a deferred entry is tried again, by attempt number (the last repeats).
 DEFAULT_RETRY_SCHEDULE = (60, 300, 900, 1800, 3600)
@@ -59,12 +61,13 @@ class QueueRunner(Service):
         self._loop = None
         self._scanning = None
         self._rescan = False
+        self._backlog = False
         self._idle = []
 
     def startService(self):
         Service.startService(self)
         if hasattr(self.queue, "onCommitted"):
-            self.queue.onCommitted(lambda qid: self.kick())
+            self.queue.onCommitted(self._committed)
         self._loop = task.LoopingCall(self.kick)
         self._loop.clock = self._reactor
         self._loop.start(self.pollInterval, now=True)
@@ -109,26 +112,43 @@ class QueueRunner(Service):
         else:
             self._checkIdle()
 
+    def _committed(self, entry):
+        """
+        A message was just queued: process it from memory right away when
+        there is room, without a scan; otherwise a later scan finds it.
+        """
+        if not self.running or entry.queueId in self._inFlight:
+            return
+        if len(self._inFlight) >= self.concurrency:
+            self._backlog = True
+            return
+        self._start(entry)
+
+    def _start(self, entry):
+        self._inFlight.add(entry.queueId)
+        d = defer.maybeDeferred(self.process, entry)
+        d.addErrback(lambda f, e=entry: _log.failure("processing {queueId} failed", f, queueId=e.queueId))
+        d.addBoth(self._finished, entry.queueId)
+
     def _gotDue(self, entries):
+        if len(entries) >= self.concurrency * 2:
+            self._backlog = True
         for entry in entries:
-            if entry.queueId in self._inFlight or len(self._inFlight) >= self.concurrency:
+            if entry.queueId in self._inFlight or entry.queueId in self._finishedDuringScan:
                 continue
-            if entry.queueId in self._finishedDuringScan:
-                continue
-            self._inFlight.add(entry.queueId)
-            d = defer.maybeDeferred(self.process, entry)
-            d.addErrback(lambda f, e=entry: _log.failure("processing {queueId} failed", f, queueId=e.queueId))
-            d.addBoth(self._finished, entry.queueId)
+            if len(self._inFlight) >= self.concurrency:
+                self._backlog = True
+                break
+            self._start(entry)
 
     def _finished(self, _, queueId):
         self._inFlight.discard(queueId)
         if self._scanning is not None:
             self._finishedDuringScan.add(queueId)
-        if len(self._inFlight) < self.concurrency // 2:
-            self._rescan = True
         self._checkIdle()
-        if self._rescan and self._scanning is None and self.running:
-            self._rescan = False
+        # Scan again only when entries may be waiting that nobody started.
+        if self._backlog and self._scanning is None and self.running and len(self._inFlight) < self.concurrency // 2:
+            self._backlog = False
             self.kick()
 
     def _retryAt(self, attempts):
@@ -149,7 +169,13 @@ class QueueRunner(Service):
 
         from twisted.internet.threads import deferToThreadPool
 
-        original = yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _readFile, entry.path)
+        if entry.content is not None:
+            original = entry.content
+        else:
+            original = yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _readFile, entry.path)
+        # What the store is given for an unchanged message: the queue's file
+        # (it can be linked, not copied), or the inline content.
+        unchanged = entry.path if entry.content is None else original
         destinations = tuple(d for ds in byRecipient.values() for d in ds)
         # Groups of destinations that share one content: a processor applied to
         # a subset splits a group in two.
@@ -192,7 +218,7 @@ class QueueRunner(Service):
         def sourceFor(dest):
             for g in groups:
                 if dest in g.destinations:
-                    return entry.path if g.content is original else g.content
+                    return unchanged if g.content is original else g.content
             return None
 
         delivered, failed, deferred = [], [], []
@@ -206,7 +232,7 @@ class QueueRunner(Service):
             else:
                 deferred.append((rcpt, status[1]))
         original_dests = {d for ds in byRecipient.values() for d in ds}
-        added = [(d, entry.path if g.content is original else g.content)
+        added = [(d, unchanged if g.content is original else g.content)
                  for g in groups for d in g.destinations if d not in original_dests]
         if added:
             # Destinations a processor added (redirects) belong to every recipient.

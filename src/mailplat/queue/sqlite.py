@@ -8,9 +8,14 @@ Layout under the queue directory::
     messages/ID       the message as received, Received: header included
 
 A transaction buffers the message in memory (spilling to a temporary file
-past C{spillSize}); C{commit} hands it to the group-commit writer, which
-writes the file, syncs it with the other messages of its batch, and inserts
-the rows in one SQLite transaction.  Only then does the SMTP server say 250.
+past C{spillSize}); C{commit} hands it to the group-commit writer.  A message
+of at most C{inlineSize} octets is kept inline in its entry row, so the
+whole commit is one SQLite transaction and one WAL fsync shared with the
+other messages of its batch; a larger one is written to its file, synced
+with the other files of the batch, and then its rows are inserted.  Only
+then does the SMTP server say 250.  Settling an entry needs no fsync of its
+own: after a crash the entry is simply delivered again, and delivery IDs
+make that harmless.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from zope.interface import implementer
 
 from mailplat.interfaces.queue import Envelope, IQueue, IQueueFactory, IQueueTransaction, QueueEntry
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
-from mailplat.store.writer import Database, WriteOp, writeFile
+from mailplat.store.writer import Database, WriteOp, connect, writeFile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -36,7 +41,8 @@ CREATE TABLE IF NOT EXISTS entries (
     arrival REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0
+    held INTEGER NOT NULL DEFAULT 0,
+    content BLOB
 );
 CREATE INDEX IF NOT EXISTS entries_due ON entries (held, next_attempt);
 CREATE TABLE IF NOT EXISTS recipients (
@@ -151,7 +157,9 @@ class _Transaction:
 
 @implementer(IQueue)
 class SQLiteQueue:
-    def __init__(self, directory: str, reactor=None, spillSize: int = 4 * 1024 * 1024):
+    def __init__(self, directory: str, reactor=None, spillSize: int = 4 * 1024 * 1024,
+                 inlineSize: int = 256 * 1024):
+        self.inlineSize = inlineSize
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
@@ -173,13 +181,23 @@ class SQLiteQueue:
             except OSError:
                 pass
         self._db.start()
+        db = connect(self._dbPath)
+        try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            if "content" not in columns:
+                db.execute("ALTER TABLE entries ADD COLUMN content BLOB")
+        finally:
+            db.close()
         return defer.succeed(None)
 
     def close(self):
         return self._db.stop()
 
     def onCommitted(self, callback):
-        """Call C{callback(queueId)} on the reactor after each commit (the runner's kick)."""
+        """
+        Call C{callback(entry)} on the reactor after each commit with the new
+        L{QueueEntry}, so the runner can start on it without reading it back.
+        """
         self._committedListeners.append(callback)
 
     def begin(self, envelope):
@@ -194,6 +212,8 @@ class SQLiteQueue:
         now = self._reactor.seconds()
         envJson = envelopeToJson(envelope)
 
+        inline = content is not None and len(content) <= self.inlineSize
+
         def prepare():
             if content is not None:
                 writeFile(path, content)
@@ -203,8 +223,8 @@ class SQLiteQueue:
 
         def apply(db):
             db.execute(
-                "INSERT INTO entries (id, envelope, size, arrival, next_attempt) VALUES (?, ?, ?, ?, ?)",
-                (qid, envJson, size, now, now),
+                "INSERT INTO entries (id, envelope, size, arrival, next_attempt, content) VALUES (?, ?, ?, ?, ?, ?)",
+                (qid, envJson, size, now, now, content if inline else None),
             )
             db.executemany(
                 "INSERT OR IGNORE INTO recipients (entry, address) VALUES (?, ?)",
@@ -220,11 +240,13 @@ class SQLiteQueue:
                     except OSError:
                         pass
 
-        d = self._db.submit(WriteOp(apply, prepare, None, onFailure))
+        d = self._db.submit(WriteOp(apply, None if inline else prepare, None, onFailure))
 
         def notify(q):
+            entry = QueueEntry(q, envelope, "" if inline else path, size, now, 0,
+                               tuple(dict.fromkeys(envelope.recipients)), content if inline else None)
             for cb in self._committedListeners:
-                cb(q)
+                cb(entry)
             return q
 
         return d.addCallback(notify)
@@ -233,18 +255,19 @@ class SQLiteQueue:
         return self._db.read(f)
 
     def _entries(self, db, where, args, limit=None):
-        sql = "SELECT id, envelope, size, arrival, attempts, next_attempt, held FROM entries " + where
+        sql = "SELECT id, envelope, size, arrival, attempts, next_attempt, held, content FROM entries " + where
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         out = []
-        for qid, env, size, arrival, attempts, nxt, held in db.execute(sql, args).fetchall():
+        for qid, env, size, arrival, attempts, nxt, held, content in db.execute(sql, args).fetchall():
             pending = tuple(
                 r[0]
                 for r in db.execute(
                     "SELECT address FROM recipients WHERE entry=? AND state IN ('pending', 'deferred')", (qid,)
                 )
             )
-            out.append(QueueEntry(qid, envelopeFromJson(env), self.path(qid), size, arrival, attempts, pending))
+            out.append(QueueEntry(qid, envelopeFromJson(env), "" if content is not None else self.path(qid), size,
+                                  arrival, attempts, pending, content))
         return out
 
     def due(self, now, limit=100):
@@ -300,7 +323,7 @@ class SQLiteQueue:
                 except FileNotFoundError:
                     pass
 
-        return self._db.submit(WriteOp(apply, None, after))
+        return self._db.submit(WriteOp(apply, None, after, durable=False))
 
     def _setHeld(self, queueId, held, now=None):
         def apply(db):

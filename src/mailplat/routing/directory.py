@@ -28,10 +28,23 @@ MAX_ALIAS_DEPTH = 10
 
 @implementer(IRouter)
 class DirectoryRouter:
-    def __init__(self, directory, reactor, trustedNetworks=()):
+    """
+    Answers from an in-memory snapshot of the directory, refreshed at most
+    every C{refreshInterval} seconds (in a thread, and only when the
+    directory changed).  An answer that would reject the address is checked
+    again against the directory itself first, so a user or domain added a
+    moment ago is never refused; only an address removed in the last
+    C{refreshInterval} seconds may still be accepted from the snapshot.
+    """
+
+    def __init__(self, directory, reactor, trustedNetworks=(), refreshInterval=1.0):
         self._directory = directory
         self._reactor = reactor
         self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
+        self.refreshInterval = refreshInterval
+        self._snapshot = None
+        self._checked = float("-inf")
+        self._refreshing = None
 
     def isTrusted(self, clientAddress: str) -> bool:
         try:
@@ -40,22 +53,53 @@ class DirectoryRouter:
             return False
         return any(ip in net for net in self.trustedNetworks)
 
+    def _inThread(self, f, *args):
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+    def _freshSnapshot(self):
+        """The snapshot if it is recent enough, else None (and a refresh starts)."""
+        now = self._reactor.seconds()
+        if self._snapshot is not None and now - self._checked < self.refreshInterval:
+            return self._snapshot
+        if self._refreshing is None:
+            self._refreshing = self._inThread(self._reload)
+            self._refreshing.addCallback(self._reloaded, now)
+        return None
+
+    def _reload(self):
+        current = self._snapshot
+        if current is not None and self._directory.dataVersion() == current.version:
+            return current
+        return self._directory.snapshot()
+
+    def _reloaded(self, snapshot, when):
+        self._snapshot = snapshot
+        self._checked = when
+        self._refreshing = None
+        return snapshot
+
     def isLocalDomain(self, domain):
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._directory.hasDomain, domain)
+        return self._inThread(self._directory.hasDomain, domain)
 
     def route(self, request):
         trusted = request.trusted or self.isTrusted(request.clientAddress)
-        return deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._route, request.address, request.authenticated, trusted
-        )
+        args = (request.address, request.authenticated, trusted)
+        snapshot = self._freshSnapshot()
+        if snapshot is not None:
+            route = self._route(*args, source=snapshot)
+            if route.accepted:
+                return route
+        # No snapshot yet, or a rejection: ask the directory itself.
+        return self._inThread(self._route, *args)
 
-    def _route(self, address, authenticated, trusted):
+    def _route(self, address, authenticated, trusted, source=None):
+        source = source if source is not None else self._directory
         if address.count("@") != 1:
             if "@" not in address:
                 return Route.reject(550, "5.1.3", "Recipient address must be user@domain")
             # "user@other"@ours after unquoting, or user@other@ours: never relayed.
             local, _, domain = address.rpartition("@")
-            if self._isLocal(domain):
+            if self._isLocal(domain, source):
                 return Route.reject(550, "5.1.1", "No such user here")
             return Route.reject(550, "5.7.1", "Relay access denied")
         local, _, domain = address.partition("@")
@@ -65,8 +109,8 @@ class DirectoryRouter:
             if authenticated or trusted:
                 return Route.deliver(RemoteDestination(address))
             return Route.reject(550, "5.7.1", "Relay access denied")
-        if self._isLocal(domain):
-            dests = self._expand(address, 0)
+        if self._isLocal(domain, source):
+            dests = self._expand(address, 0, source)
             if dests is None:
                 return Route.reject(550, "5.1.1", "No such user here")
             return Route.deliver(*dests)
@@ -74,33 +118,33 @@ class DirectoryRouter:
             return Route.deliver(RemoteDestination(address))
         return Route.reject(550, "5.7.1", "Relay access denied")
 
-    def _isLocal(self, domain):
+    def _isLocal(self, domain, source):
         try:
-            return self._directory.hasDomain(normaliseDomain(domain))
+            return source.hasDomain(normaliseDomain(domain))
         except DirectoryError:
             return False
 
-    def _expand(self, address, depth):
+    def _expand(self, address, depth, source):
         try:
             canon = normaliseAddress(address)
         except DirectoryError:
             return None
         local, domain = canon.split("@")
-        if not self._isLocal(domain):
+        if not self._isLocal(domain, source):
             return [RemoteDestination(address)]
         candidates = [canon]
         if "+" in local:
             candidates.append(f"{local.split('+', 1)[0]}@{domain}")
         for candidate in candidates:
-            if self._directory.hasUser(candidate):
+            if source.hasUser(candidate):
                 return [LocalDestination(candidate)]
-            targets = self._directory.aliasTargets(candidate)
+            targets = source.aliasTargets(candidate)
             if targets:
                 if depth >= MAX_ALIAS_DEPTH:
                     return None
                 out = []
                 for t in targets:
-                    expanded = self._expand(t, depth + 1)
+                    expanded = self._expand(t, depth + 1, source)
                     if expanded:
                         for d in expanded:
                             if d not in out:

@@ -87,6 +87,8 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.python.failure import Failure
 
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLAuthenticationFailed, SASLError
@@ -100,7 +102,7 @@ from mailplat.tls import isLoopback, isTLS
 
 __all__ = ["SMTPContext", "SMTPFactory", "SMTPServer"]
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 ROLES = ("mx", "submission", "submissions")
 

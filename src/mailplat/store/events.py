@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-_log = Logger()
+from mailplat.log import observer as logObserver
+
+_log = Logger(observer=logObserver)
 
 
 class Listeners:

@@ -25,11 +25,13 @@ import threading
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from mailplat.log import observer as logObserver
 from twisted.python.failure import Failure
 
 from mailplat.interfaces.storage import TemporaryStoreFailure
 
-_log = Logger()
+_log = Logger(observer=logObserver)
 
 _libc = None
 try:
@@ -127,9 +129,16 @@ class WriteOp:
     sync and the directories to sync), then C{apply(db)} inside the batch
     transaction, then C{after()} once committed (e.g. unlinking removed
     files).  C{apply}'s return value is the result.
+
+    C{durable=False} marks a change that need not be on stable storage when
+    its Deferred fires (e.g. settling a delivered queue entry: losing it in a
+    crash only means an idempotent redelivery).  A batch of only such
+    changes commits without an fsync; it becomes durable with the next
+    durable commit (SQLite WAL keeps commits in order).
     """
 
-    def __init__(self, apply, prepare=None, after=None, onFailure=None):
+    def __init__(self, apply, prepare=None, after=None, onFailure=None, durable=True):
+        self.durable = durable
         self.apply = apply
         self.prepare = prepare
         self.after = after
@@ -284,7 +293,10 @@ class Writer:
                 for op in live:
                     self._failOp(op, f)
                 return
+        lazy = not any(op.durable for op in live)
         try:
+            if lazy:
+                db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             for i, op in enumerate(live):
                 db.execute(f"SAVEPOINT op{i}")
@@ -306,6 +318,9 @@ class Writer:
             for op in live:
                 self._failOp(op, f)
             return
+        finally:
+            if lazy:
+                db.execute("PRAGMA synchronous=FULL")
         for op in live:
             ok, value = results[id(op)]
             if ok and op.after is not None:
