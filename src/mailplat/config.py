@@ -65,6 +65,27 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class OutboundConfig:
+    """Delivery to other mail servers (see examples/mailplat.toml)."""
+
+    enabled: bool = True
+    port: int = 25
+    dns_servers: tuple = ()
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password_file: str = ""
+    tls: str = "opportunistic"
+    max_lifetime: int = 5 * 86400
+    delay_warning: int = 4 * 3600
+    per_destination: int = 10
+    connect_timeout: int = 30
+    domains: dict = field(default_factory=dict)
+
+
+TLS_POLICIES = ("never", "opportunistic", "require", "verify")
+
+
+@dataclass(frozen=True)
 class HTTPConfig:
     enabled: bool = True
     listen: tuple = ("tcp:8080:interface=127.0.0.1",)
@@ -94,6 +115,7 @@ class Config:
         listen=("tcp:2110:interface=127.0.0.1",), listen_tls=("tcp:2995:interface=127.0.0.1",), idle_timeout=600
     )
     http: HTTPConfig = HTTPConfig()
+    outbound: OutboundConfig = OutboundConfig()
     source: str = "<embedded default>"
 
     @property
@@ -229,7 +251,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     c = _Checker()
     base = Config()
     top = c.table(raw, "", {"server", "tls", "store", "queue", "auth", "routing", "hooks", "processors",
-                            "converters", "smtp", "imap", "pop3", "http"})
+                            "converters", "smtp", "imap", "pop3", "http", "outbound"})
 
     server = c.table(top.get("server", {}), "server", {"hostname", "data", "log_level"})
     hostname = c.string(server, "hostname", "server", base.hostname)
@@ -324,11 +346,72 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         listen=c.endpoints(httpT, "listen", "http", HTTPConfig().listen),
     )
 
+    outbound = _outbound(c, top.get("outbound", {}))
+
     if c.errors:
         raise ConfigError([f"{source}: {e}" for e in c.errors])
     return Config(
         hostname=hostname, data=data, log_level=logLevel, certificate=certificate, key=key, plaintext_auth=plaintext,
         store=store, queue=queue, retry_schedule=retry, checkers=tuple(checkers), router=router,
         hooks=hooks, processors=processors, converters=converters,
-        smtp=smtp, imap=imap, pop3=pop3, http=http, source=source,
+        smtp=smtp, imap=imap, pop3=pop3, http=http, outbound=outbound, source=source,
+    )
+
+
+def _hostPort(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "25"
+    host = host.strip("[]")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _outbound(c: _Checker, raw) -> OutboundConfig:
+    o0 = OutboundConfig()
+    known = set(OutboundConfig.__dataclass_fields__)
+    t = c.table(raw, "outbound", known)
+    port = c.positiveInt(t, "port", "outbound", o0.port)
+    if port > 65535:
+        c.error("outbound.port", "must be a TCP port number")
+    servers = t.get("dns_servers", [])
+    if not isinstance(servers, list) or not all(isinstance(x, str) and _hostPort(x) for x in servers):
+        c.error("outbound.dns_servers", 'must be a list of "address:port" strings such as "127.0.0.1:53"')
+        servers = []
+    smarthost = c.string(t, "smarthost", "outbound", "", nonEmpty=False)
+    if smarthost and not _hostPort(smarthost):
+        c.error("outbound.smarthost", 'must be "host" or "host:port"')
+    passwordFile = c.string(t, "smarthost_password_file", "outbound", "", nonEmpty=False)
+    if passwordFile and not os.path.isfile(passwordFile):
+        c.error("outbound.smarthost_password_file", f"no such file: {passwordFile}")
+    tls = c.string(t, "tls", "outbound", o0.tls)
+    if tls not in TLS_POLICIES:
+        c.error("outbound.tls", f"must be one of {', '.join(TLS_POLICIES)}")
+    domains = {}
+    rawDomains = t.get("domains", {})
+    if not isinstance(rawDomains, dict):
+        c.error("outbound.domains", 'must be a table of [outbound.domains."example.com"] tables')
+        rawDomains = {}
+    for name, value in rawDomains.items():
+        path = f'outbound.domains."{name}"'
+        d = c.table(value, path, {"tls", "route"})
+        dtls = c.string(d, "tls", path, tls)
+        if dtls not in TLS_POLICIES:
+            c.error(f"{path}.tls", f"must be one of {', '.join(TLS_POLICIES)}")
+        route = c.string(d, "route", path, "", nonEmpty=False)
+        if route and not _hostPort(route):
+            c.error(f"{path}.route", 'must be "host" or "host:port"')
+        domains[name.lower().rstrip(".")] = {"tls": dtls, "route": route}
+    return OutboundConfig(
+        enabled=c.boolean(t, "enabled", "outbound", o0.enabled),
+        port=port,
+        dns_servers=tuple(servers),
+        smarthost=smarthost,
+        smarthost_user=c.string(t, "smarthost_user", "outbound", "", nonEmpty=False),
+        smarthost_password_file=passwordFile,
+        tls=tls,
+        max_lifetime=c.positiveInt(t, "max_lifetime", "outbound", o0.max_lifetime),
+        delay_warning=c.positiveInt(t, "delay_warning", "outbound", o0.delay_warning),
+        per_destination=c.positiveInt(t, "per_destination", "outbound", o0.per_destination),
+        connect_timeout=c.positiveInt(t, "connect_timeout", "outbound", o0.connect_timeout),
+        domains=domains,
     )

@@ -204,10 +204,57 @@ class Platform:
         return TLSMemoryBIOFactory(self.tlsContextFactory(), False, factory)
 
     def queueRunner(self):
+        from mailplat.queue.notify import Notifier
         from mailplat.queue.runner import QueueRunner
 
+        o = self.config.outbound
         return QueueRunner(self.queue, self.store, self.processors, reactor=self.reactor, metrics=self.metrics,
-                           retrySchedule=self.config.retry_schedule)
+                           retrySchedule=self.config.retry_schedule,
+                           outbound=self.outboundTransport() if o.enabled else None,
+                           notifier=Notifier(self.queue, self.router, self.config.hostname, self.reactor),
+                           maxLifetime=o.max_lifetime, delayWarning=o.delay_warning)
+
+    def outboundTransport(self):
+        """The SMTP transport to other servers, built from C{[outbound]}."""
+        if getattr(self, "_outbound", None) is None:
+            from mailplat.dns import MailResolver
+            from mailplat.outbound.transport import DomainPolicy, OutboundSettings, OutboundTransport
+
+            o = self.config.outbound
+            servers = []
+            for entry in o.dns_servers:
+                host, sep, port = entry.rpartition(":")
+                servers.append((host.strip("[]"), int(port)) if sep else (entry, 53))
+            password = ""
+            if o.smarthost_password_file:
+                with open(o.smarthost_password_file, encoding="utf-8") as f:
+                    password = f.read().strip()
+            settings = OutboundSettings(
+                heloName=self.config.hostname, port=o.port, smarthost=o.smarthost, smarthostUser=o.smarthost_user,
+                smarthostPassword=password, tls=o.tls,
+                domains={d: DomainPolicy(tls=v["tls"], route=v["route"]) for d, v in o.domains.items()},
+                connectTimeout=o.connect_timeout, perDestination=o.per_destination,
+                ownAddresses=frozenset(self._ownSMTPAddresses()), ownNames=frozenset({self.config.hostname.lower()}),
+            )
+            resolver = MailResolver(servers=servers or None, reactor=self.reactor)
+            self._outbound = OutboundTransport(resolver, settings, self.reactor)
+        return self._outbound
+
+    def _ownSMTPAddresses(self):
+        """(address, port) pairs our SMTP listeners answer on: mail sent there would loop."""
+        out = set()
+        c = self.config.smtp
+        for desc in tuple(c.listen) + tuple(c.submission) + tuple(c.submissions):
+            parts = desc.split(":")
+            if len(parts) < 2 or parts[0] not in ("tcp", "tcp6", "ssl") or not parts[1].isdigit():
+                continue
+            port = int(parts[1])
+            interface = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")), "")
+            if interface in ("", "0.0.0.0", "::"):
+                out.update({("127.0.0.1", port), ("::1", port)})
+            else:
+                out.add((interface.strip("[]"), port))
+        return out
 
     # --- the service tree -----------------------------------------------------
 

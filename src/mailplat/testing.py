@@ -616,7 +616,7 @@ class MemoryQueue:
             [QueueEntry(q, e, "", len(c), now, 0, tuple(e.recipients)) for q, e, c in self.committed[:limit]]
         )
 
-    def settle(self, queueId, delivered, failed, deferred, retryAt=None):
+    def settle(self, queueId, delivered, failed, deferred, retryAt=None, done=(), warned=()):
         if not deferred:
             self.committed = [t for t in self.committed if t[0] != queueId]
         return defer.succeed(None)

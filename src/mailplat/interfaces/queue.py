@@ -49,6 +49,11 @@ class QueueEntry:
     attempts: int = 0
     pending: tuple = ()
     content: bytes | None = field(default=None, repr=False, compare=False)
+    #: Destinations (L{mailplat.queue.runner.destinationKey}) already delivered in
+    #: an earlier attempt: never delivered again.
+    done: tuple = ()
+    #: Recipients already sent a delay notice.
+    warned: tuple = ()
 
 
 class IQueueTransaction(Interface):
@@ -79,11 +84,15 @@ class IQueue(Interface):
     def due(now, limit=100):
         """Fires with up to C{limit} L{QueueEntry}s due at C{now} (seconds)."""
 
-    def settle(queueId, delivered, failed, deferred, retryAt=None):
+    def settle(queueId, delivered, failed, deferred, retryAt=None, done=(), warned=()):
         """
         Record the outcome for recipients (each a sequence of addresses; failed and
         deferred as C{(address, reason)} pairs).  When nothing is left pending
         the entry is removed.  Deferred recipients become due at C{retryAt}.
+        C{done} lists destination keys delivered in this attempt (skipped in
+        later attempts); C{warned} lists recipients just sent a delay notice.
+        Settling need not be durable when it fires: repeating an attempt after
+        a crash is harmless.
         """
 
     def listEntries():

@@ -17,6 +17,8 @@ configured (C{outbound}); without one they stay deferred with the reason
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -25,7 +27,9 @@ from mailplat.log import observer as logObserver
 
 from mailplat.interfaces.processing import ProcessingItem
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination
-from mailplat.interfaces.storage import NoSuchAccount, NoSuchMailbox, TemporaryStoreFailure
+from mailplat.interfaces.storage import NoSuchAccount, NoSuchMailbox, QuotaExceeded, TemporaryStoreFailure
+from mailplat.outbound import dsn
+from mailplat.outbound.client import Recipient, Result
 
 _log = Logger(observer=logObserver)
 
@@ -42,7 +46,12 @@ class QueueRunner(Service):
     name = "queue-runner"
 
     def __init__(self, queue, store, processors=(), reactor=None, metrics=None, pollInterval=30.0,
-                 concurrency=64, retrySchedule=DEFAULT_RETRY_SCHEDULE, outbound=None):
+                 concurrency=64, retrySchedule=DEFAULT_RETRY_SCHEDULE, outbound=None, notifier=None,
+                 maxLifetime=5 * 86400, delayWarning=4 * 3600, maxHops=50):
+        self.notifier = notifier
+        self.maxLifetime = maxLifetime
+        self.delayWarning = delayWarning
+        self.maxHops = maxHops
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
@@ -221,65 +230,171 @@ class QueueRunner(Service):
                     return unchanged if g.content is original else g.content
             return None
 
-        delivered, failed, deferred = [], [], []
-        for rcpt, dests in byRecipient.items():
-            mine = [(d, sourceFor(d)) for d in dests]
-            status = yield self._deliverAll(entry, [(d, src) for d, src in mine if src is not None])
-            if status is None:
-                delivered.append(rcpt)
-            elif status[0] == "failed":
-                failed.append((rcpt, status[1]))
-            else:
-                deferred.append((rcpt, status[1]))
-        original_dests = {d for ds in byRecipient.values() for d in ds}
-        added = [(d, unchanged if g.content is original else g.content)
-                 for g in groups for d in g.destinations if d not in original_dests]
-        if added:
-            # Destinations a processor added (redirects) belong to every recipient.
-            status = yield self._deliverAll(entry, added)
-            if status is not None and status[0] == "deferred":
-                deferred += [(r, status[1]) for r in delivered]
-                delivered = []
-        yield self.queue.settle(entry.queueId, delivered, failed, deferred,
-                                retryAt=self._retryAt(entry.attempts) if deferred else None)
+        yield self._deliverAndSettle(entry, byRecipient, groups, sourceFor, original, unchanged)
 
     @defer.inlineCallbacks
-    def _deliverAll(self, entry, destinations):
-        """
-        Deliver to C{(destination, source)} pairs.  None when every one succeeded;
-        else C{("failed"|"deferred", reason)}.
-        """
-        worst = None
-        for dest, source in destinations:
-            if isinstance(dest, LocalDestination):
-                try:
-                    yield self.store.append(dest.user, dest.mailbox, source,
-                                            deliveryId=f"{entry.queueId}:{dest.user}:{dest.mailbox}")
-                    if self.metrics is not None:
-                        self.metrics.inc("mailplat_messages_delivered_total")
-                except (NoSuchAccount, NoSuchMailbox) as e:
-                    if dest.mailbox != "INBOX" and isinstance(e, NoSuchMailbox):
-                        try:
-                            yield self.store.append(dest.user, "INBOX", source,
-                                                    deliveryId=f"{entry.queueId}:{dest.user}:INBOX")
-                            continue
-                        except Exception as e2:
-                            e = e2
-                    _log.warn("delivery of {queueId} to {user} failed: {error}", queueId=entry.queueId,
-                              user=dest.user, error=str(e))
-                    worst = ("failed", f"5.1.1 {e}")
-                except TemporaryStoreFailure as e:
-                    worst = worst or ("deferred", f"4.3.0 {e}")
-                except Exception:
-                    _log.failure("delivery of {queueId} to {user} failed", queueId=entry.queueId, user=dest.user)
-                    worst = worst or ("deferred", "4.3.0 temporary local delivery failure")
-            elif isinstance(dest, RemoteDestination):
-                if self.outbound is None:
-                    worst = worst or ("deferred", "4.4.0 no outbound transport configured")
-                else:
-                    result = yield self.outbound.send(entry, dest, source)
-                    if result is not None:
-                        worst = worst or result
-        if worst is not None and worst[0] == "deferred" and self.metrics is not None:
+    def _deliverAndSettle(self, entry, byRecipient, groups, sourceFor, original, unchanged):
+        env = entry.envelope
+        params = {rcpt: (env.rcptParams[i] if i < len(env.rcptParams) else {})
+                  for i, rcpt in enumerate(env.recipients)}
+        done = set(entry.done)
+        if _hops(original) > self.maxHops:
+            outcome = {destinationKey(d): Outcome("failed", "5.4.6", f"mail loop: more than {self.maxHops} Received: "
+                                                                  "headers")
+                       for ds in byRecipient.values() for d in ds}
+        else:
+            work = []
+            for rcpt, dests in byRecipient.items():
+                for d in dests:
+                    src = sourceFor(d)
+                    if src is not None:
+                        work.append((rcpt, d, src))
+            originals = {d for ds in byRecipient.values() for d in ds}
+            for g in groups:
+                for d in g.destinations:
+                    if d not in originals:
+                        work.append((None, d, unchanged if g.content is original else g.content))
+            outcome = yield self._deliverWork(entry, [w for w in work if destinationKey(w[1]) not in done], params)
+        extra = [o for k, o in outcome.items() if k.startswith("+")]
+
+        now = self._reactor.seconds()
+        age = now - entry.arrival
+        delivered, failed, deferred, newlyDone, warned = [], [], [], [], []
+        reports = {dsn.FAILED: [], dsn.DELAYED: [], dsn.DELIVERED: [], dsn.RELAYED: []}
+        for rcpt, dests in byRecipient.items():
+            results = [outcome[destinationKey(d)] for d in dests if destinationKey(d) in outcome]
+            results += extra
+            newlyDone += [destinationKey(d) for d in dests
+                          if outcome.get(destinationKey(d)) is not None
+                          and outcome[destinationKey(d)].state in ("delivered", "relayed")]
+            worst = max(results, key=lambda o: _RANK[o.state]) if results else Outcome("delivered", "2.0.0", "")
+            p = params.get(rcpt, {})
+            notify, orcpt = p.get("NOTIFY"), p.get("ORCPT", "")
+            if worst.state == "deferred" and age >= self.maxLifetime:
+                worst = Outcome("failed", "4.4.7", f"delivery time expired after {age / 86400:.1f} days; "
+                                                   f"last problem: {worst.diagnostic}", worst.remoteMTA)
+            report = dsn.RecipientReport(rcpt, worst.state, worst.status, worst.diagnostic, worst.remoteMTA, orcpt,
+                                         lastAttempt=now)
+            if worst.state == "failed":
+                failed.append((rcpt, f"{worst.status} {worst.diagnostic}"))
+                if dsn.notifyWants(notify, dsn.FAILED):
+                    reports[dsn.FAILED].append(report)
+            elif worst.state == "deferred":
+                deferred.append((rcpt, f"{worst.status} {worst.diagnostic}"))
+                if age >= self.delayWarning and rcpt not in entry.warned and dsn.notifyWants(notify, dsn.DELAYED):
+                    reports[dsn.DELAYED].append(dsn.RecipientReport(
+                        rcpt, dsn.DELAYED, worst.status, worst.diagnostic, worst.remoteMTA, orcpt, lastAttempt=now,
+                        willRetryUntil=entry.arrival + self.maxLifetime))
+                    warned.append(rcpt)
+            else:
+                delivered.append(rcpt)
+                if worst.state == "relayed" and dsn.notifyWants(notify, dsn.RELAYED):
+                    reports[dsn.RELAYED].append(report)
+                elif worst.state == "delivered" and notify and dsn.notifyWants(notify, dsn.DELIVERED):
+                    reports[dsn.DELIVERED].append(report)
+        if self.notifier is not None:
+            for kind, rs in reports.items():
+                if rs:
+                    # Committed before the entry is settled: a crash in between
+                    # repeats the notice rather than losing it.
+                    yield self.notifier.send(entry, rs, original)
+        if deferred and self.metrics is not None:
             self.metrics.inc("mailplat_queue_deferred_total")
-        return worst
+        yield self.queue.settle(entry.queueId, delivered, failed, deferred,
+                                retryAt=self._retryAt(entry.attempts) if deferred else None,
+                                done=newlyDone, warned=warned)
+
+    @defer.inlineCallbacks
+    def _deliverWork(self, entry, work, params):
+        """
+        Deliver C{(recipient, destination, source)} triples; fires with a dict
+        destination key -> L{Outcome}.  Destinations a processor added (no
+        recipient) are keyed with a leading C{+} so every recipient shares them.
+        """
+        outcome = {}
+        remote = []
+        for rcpt, dest, source in work:
+            key = destinationKey(dest) if rcpt is not None else "+" + destinationKey(dest)
+            if isinstance(dest, LocalDestination):
+                outcome[key] = yield self._deliverLocal(entry, dest, source)
+            elif isinstance(dest, RemoteDestination):
+                remote.append((key, rcpt, dest, source))
+        if remote and self.outbound is None:
+            for key, _, _, _ in remote:
+                outcome[key] = Outcome("deferred", "4.4.0", "no outbound transport configured")
+        elif remote:
+            bySource = {}
+            for item in remote:
+                bySource.setdefault(id(item[3]), []).append(item)
+            env = entry.envelope
+            for items in bySource.values():
+                source = items[0][3]
+                content = source
+                if isinstance(source, str):
+                    from twisted.internet.threads import deferToThreadPool
+
+                    content = yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _readFile, source)
+                recipients = []
+                for key, rcpt, dest, _ in items:
+                    p = params.get(rcpt, {}) if rcpt is not None else {}
+                    recipients.append(Recipient(dest.address, p.get("NOTIFY"), p.get("ORCPT")))
+                try:
+                    results = yield self.outbound.deliver(
+                        env.sender, recipients, content, ret=env.mailParams.get("RET"),
+                        envid=env.mailParams.get("ENVID"), needsSMTPUTF8="SMTPUTF8" in env.mailParams)
+                except Exception:
+                    _log.failure("outbound delivery of {queueId} failed", queueId=entry.queueId)
+                    results = [Result(r.address, "deferred", "4.3.0", "temporary outbound failure") for r in recipients]
+                for (key, _, _, _), r in zip(items, results):
+                    outcome[key] = Outcome(r.state, r.status, r.diagnostic, r.remoteMTA)
+                    if r.state in ("delivered", "relayed") and self.metrics is not None:
+                        self.metrics.inc("mailplat_messages_relayed_total")
+        return outcome
+
+    @defer.inlineCallbacks
+    def _deliverLocal(self, entry, dest, source):
+        try:
+            yield self.store.append(dest.user, dest.mailbox, source,
+                                    deliveryId=f"{entry.queueId}:{dest.user}:{dest.mailbox}")
+        except NoSuchMailbox:
+            if dest.mailbox == "INBOX":
+                return Outcome("failed", "5.1.1", f"mailbox unavailable: {dest.user}")
+            return (yield self._deliverLocal(entry, LocalDestination(dest.user, "INBOX"), source))
+        except NoSuchAccount:
+            _log.warn("delivery of {queueId} to {user} failed: no such account", queueId=entry.queueId,
+                      user=dest.user)
+            return Outcome("failed", "5.1.1", f"no such user: {dest.user}")
+        except QuotaExceeded as e:
+            return Outcome("deferred", "4.2.2", f"mailbox full: {e}")
+        except TemporaryStoreFailure as e:
+            return Outcome("deferred", "4.3.0", str(e))
+        except Exception:
+            _log.failure("delivery of {queueId} to {user} failed", queueId=entry.queueId, user=dest.user)
+            return Outcome("deferred", "4.3.0", "temporary local delivery failure")
+        if self.metrics is not None:
+            self.metrics.inc("mailplat_messages_delivered_total")
+        return Outcome("delivered", "2.0.0", "delivered to a local mailbox")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    status: str
+    diagnostic: str
+    remoteMTA: str = ""
+
+
+_RANK = {"delivered": 0, "relayed": 1, "deferred": 2, "failed": 3}
+
+
+def destinationKey(dest) -> str:
+    if isinstance(dest, LocalDestination):
+        return f"local:{dest.user}:{dest.mailbox}"
+    return f"remote:{dest.address}"
+
+
+def _hops(message: bytes) -> int:
+    """The number of Received: header fields in the message's header."""
+    end = message.find(b"\r\n\r\n")
+    header = message if end < 0 else message[:end]
+    return sum(1 for line in header.split(b"\n") if line[:9].lower() == b"received:")

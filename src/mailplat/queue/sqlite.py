@@ -50,7 +50,13 @@ CREATE TABLE IF NOT EXISTS recipients (
     address TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     last_error TEXT,
+    warned INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (entry, address)
+);
+CREATE TABLE IF NOT EXISTS done (
+    entry TEXT NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
+    destination TEXT NOT NULL,
+    PRIMARY KEY (entry, destination)
 );
 """
 
@@ -186,6 +192,8 @@ class SQLiteQueue:
             columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
             if "content" not in columns:
                 db.execute("ALTER TABLE entries ADD COLUMN content BLOB")
+            if "warned" not in {row[1] for row in db.execute("PRAGMA table_info(recipients)")}:
+                db.execute("ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0")
         finally:
             db.close()
         return defer.succeed(None)
@@ -266,8 +274,10 @@ class SQLiteQueue:
                     "SELECT address FROM recipients WHERE entry=? AND state IN ('pending', 'deferred')", (qid,)
                 )
             )
+            done = tuple(r[0] for r in db.execute("SELECT destination FROM done WHERE entry=?", (qid,)))
+            warned = tuple(r[0] for r in db.execute("SELECT address FROM recipients WHERE entry=? AND warned=1", (qid,)))
             out.append(QueueEntry(qid, envelopeFromJson(env), "" if content is not None else self.path(qid), size,
-                                  arrival, attempts, pending, content))
+                                  arrival, attempts, pending, content, done, warned))
         return out
 
     def due(self, now, limit=100):
@@ -293,10 +303,12 @@ class SQLiteQueue:
 
         return self._read(run)
 
-    def settle(self, queueId, delivered, failed, deferred, retryAt=None):
+    def settle(self, queueId, delivered, failed, deferred, retryAt=None, done=(), warned=()):
         state = {}
 
         def apply(db):
+            db.executemany("INSERT OR IGNORE INTO done VALUES (?, ?)", [(queueId, d) for d in done])
+            db.executemany("UPDATE recipients SET warned=1 WHERE entry=? AND address=?", [(queueId, a) for a in warned])
             for a in delivered:
                 db.execute("UPDATE recipients SET state='delivered', last_error=NULL WHERE entry=? AND address=?", (queueId, a))
             for a, reason in failed:
