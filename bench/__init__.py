@@ -1,0 +1,1 @@
+"""mailplat's benchmark harness: see docs/benchmarks.md and C{bench/run --help}."""
