@@ -77,3 +77,30 @@ class DNSTestServer:
 
     def stop(self):
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self._ports])
+
+
+def main(argv=None):
+    """
+    Run as a process: C{python dnsserver.py PORTFILE ZONE_JSON} serves the
+    zone on a free port of 127.0.0.1 (UDP and TCP), writes the port to
+    PORTFILE, and runs until killed.
+    """
+    import json
+    import sys
+
+    from twisted.internet import reactor
+
+    portFile, zoneJson = (argv or sys.argv[1:])[:2]
+    zone = {name: (rrs if rrs == "SERVFAIL" else [tuple(rr) for rr in rrs]) for name, rrs in json.loads(zoneJson).items()}
+    server = DNSTestServer(zone)
+    port = server.start(reactor)
+    with open(portFile + ".tmp", "w") as f:
+        f.write(str(port))
+    import os
+
+    os.rename(portFile + ".tmp", portFile)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -290,7 +290,8 @@ class QueueRunner(Service):
                 delivered.append(rcpt)
                 if worst.state == "relayed" and dsn.notifyWants(notify, dsn.RELAYED):
                     reports[dsn.RELAYED].append(report)
-                elif worst.state == "delivered" and notify and dsn.notifyWants(notify, dsn.DELIVERED):
+                elif (worst.state == "delivered" and results and all(o.final for o in results)
+                      and notify and dsn.notifyWants(notify, dsn.DELIVERED)):
                     reports[dsn.DELIVERED].append(report)
         if self.notifier is not None:
             for kind, rs in reports.items():
@@ -373,7 +374,7 @@ class QueueRunner(Service):
             return Outcome("deferred", "4.3.0", "temporary local delivery failure")
         if self.metrics is not None:
             self.metrics.inc("mailplat_messages_delivered_total")
-        return Outcome("delivered", "2.0.0", "delivered to a local mailbox")
+        return Outcome("delivered", "2.0.0", "delivered to a local mailbox", final=True)
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,10 @@ class Outcome:
     status: str
     diagnostic: str
     remoteMTA: str = ""
+    #: Final delivery here (a local mailbox), as opposed to relaying: only
+    #: final delivery earns a "delivered" notice (RFC 3461 6.2: a DSN-capable
+    #: next hop reports success itself).
+    final: bool = False
 
 
 _RANK = {"delivered": 0, "relayed": 1, "deferred": 2, "failed": 3}
