@@ -71,6 +71,7 @@ class QueueRunner(Service):
         self._scanning = None
         self._rescan = False
         self._backlog = False
+        self._wakeCall = None
         self._idle = []
 
     def startService(self):
@@ -85,6 +86,9 @@ class QueueRunner(Service):
         Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._wakeCall is not None and self._wakeCall.active():
+            self._wakeCall.cancel()
+        self._wakeCall = None
         return self.whenIdle()
 
     def whenIdle(self):
@@ -159,6 +163,21 @@ class QueueRunner(Service):
         if self._backlog and self._scanning is None and self.running and len(self._inFlight) < self.concurrency // 2:
             self._backlog = False
             self.kick()
+
+    def _wakeAt(self, when):
+        """Scan again at C{when} (the earliest of the retry times waiting), not only on the next poll."""
+        if not self.running:
+            return
+        call = self._wakeCall
+        if call is not None and call.active():
+            if call.getTime() <= when:
+                return
+            call.cancel()
+        self._wakeCall = self._reactor.callLater(max(0, when - self._reactor.seconds()) + 0.01, self._wake)
+
+    def _wake(self):
+        self._wakeCall = None
+        self.kick()
 
     def _retryAt(self, attempts):
         delay = self.retrySchedule[min(attempts, len(self.retrySchedule) - 1)]
@@ -301,9 +320,11 @@ class QueueRunner(Service):
                     yield self.notifier.send(entry, rs, original)
         if deferred and self.metrics is not None:
             self.metrics.inc("mailplat_queue_deferred_total")
-        yield self.queue.settle(entry.queueId, delivered, failed, deferred,
-                                retryAt=self._retryAt(entry.attempts) if deferred else None,
+        retryAt = self._retryAt(entry.attempts) if deferred else None
+        yield self.queue.settle(entry.queueId, delivered, failed, deferred, retryAt=retryAt,
                                 done=newlyDone, warned=warned)
+        if retryAt is not None:
+            self._wakeAt(retryAt)
 
     @defer.inlineCallbacks
     def _deliverWork(self, entry, work, params):
