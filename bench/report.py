@@ -344,6 +344,7 @@ def render(results: Results, plotDir: str, plotPrefix: str) -> str:
          f"- load average (1, 5, 15 min) before: {meta.get('load_before')}, after: {meta.get('load_after')}",
          f"- busiest processes before: {', '.join(meta.get('busy_before', [])) or '–'}",
          f"- busiest processes after: {', '.join(meta.get('busy_after', [])) or '–'}",
+         *[f"- {note}" for note in meta.get("notes", [])],
          ""]
     if meta.get("note"):
         L += [meta["note"], ""]

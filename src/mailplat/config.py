@@ -77,7 +77,7 @@ class OutboundConfig:
     tls: str = "opportunistic"
     max_lifetime: int = 5 * 86400
     delay_warning: int = 4 * 3600
-    per_destination: int = 10
+    per_destination: int = 20
     connect_timeout: int = 30
     domains: dict = field(default_factory=dict)
 
