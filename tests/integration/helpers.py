@@ -152,3 +152,81 @@ def requirePeer(*programs):
             pytest.skip(reason)
         paths.append(path)
     return paths[0] if len(paths) == 1 else paths
+
+
+POSTFIX_MASTER = """\
+{port}  inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class PrivatePostfix:
+    """
+    A Postfix instance of its own for a test: config, queue and data under a
+    temporary directory (outside pytest's tmp_path, which Postfix's
+    unprivileged user cannot reach), smtpd on a free port of 127.0.0.1, its log
+    in C{self.maillog}.  C{mainCf} is added to the common settings; it may use
+    C{{base}} for the instance's directory.  Needs root (skips otherwise).
+    """
+
+    def __init__(self, mainCf: str, prefix="mailplat-postfix-"):
+        import pathlib
+        import tempfile
+
+        import pytest
+
+        self.command = requirePeer("postfix")
+        if os.geteuid() != 0:
+            pytest.skip("running a private Postfix instance needs root")
+        (self.port,) = freePorts(1)
+        self.top = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+        self.top.chmod(0o755)
+        self.base = self.top / "postfix"
+        self.conf = self.base / "etc"
+        for d in (self.conf, self.base / "spool", self.base / "data"):
+            d.mkdir(parents=True)
+        shutil.chown(self.base / "data", "postfix", "postfix")
+        self.maillog = self.base / "maillog"
+        (self.conf / "main.cf").write_text(f"""
+compatibility_level = 3.6
+queue_directory = {self.base}/spool
+data_directory = {self.base}/data
+mail_owner = postfix
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+maillog_file = {self.maillog}
+maillog_file_prefixes = {self.base}
+biff = no
+""" + mainCf.replace("{base}", str(self.base)))
+        (self.conf / "master.cf").write_text(POSTFIX_MASTER.format(port=self.port))
+
+    def start(self):
+        r = subprocess.run([self.command, "-c", str(self.conf), "start"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        waitForPort(self.port, timeout=20)
+        return self
+
+    def stop(self):
+        subprocess.run([self.command, "-c", str(self.conf), "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.top, ignore_errors=True)

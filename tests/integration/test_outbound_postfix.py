@@ -13,7 +13,6 @@ import os
 import pathlib
 import shutil
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from email import policy
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand, requirePeer, waitForPort
+from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, configForPorts, freePorts, mailplatCommand
 
 pytestmark = pytest.mark.integration
 
@@ -30,64 +29,23 @@ HOST = "127.0.0.1"
 USER = "alice@example.org"
 PASSWORD = "alice-password"
 
-MASTER = """\
-{port}  inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
 @pytest.fixture(scope="module")
 def postfix():
     """A private Postfix accepting mail for remote.test over STARTTLS into a Maildir."""
-    postfixCmd = requirePeer("postfix")
-    if os.geteuid() != 0:
-        pytest.skip("running a private Postfix instance needs root")
-    (port,) = freePorts(1)
-    top = pathlib.Path(tempfile.mkdtemp(prefix="mailplat-postfix-out-"))
-    top.chmod(0o755)
-    base = top / "postfix"
-    conf = base / "etc"
-    mail = top / "mail"
-    for d in (conf, base / "spool", base / "data", mail):
-        d.mkdir(parents=True)
-    shutil.chown(base / "data", "postfix", "postfix")
-    shutil.chown(mail, "nobody", "nogroup")
     from mailplat.tls import generateSelfSigned
 
-    generateSelfSigned(str(conf / "cert.pem"), str(conf / "key.pem"), "mx.remote.test")
+    mail = pathlib.Path(tempfile.mkdtemp(prefix="mailplat-postfix-mail-"))
+    mail.chmod(0o755)
+    shutil.chown(mail, "nobody", "nogroup")
     nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
     nogroup = int(subprocess.run(["id", "-g", "nobody"], capture_output=True, text=True).stdout)
-    (conf / "main.cf").write_text(f"""
-compatibility_level = 3.6
-queue_directory = {base}/spool
-data_directory = {base}/data
-mail_owner = postfix
+    certs = pathlib.Path(tempfile.mkdtemp(prefix="mailplat-postfix-tls-"))
+    certs.chmod(0o755)
+    generateSelfSigned(str(certs / "cert.pem"), str(certs / "key.pem"), "mx.remote.test")
+    postfix = PrivatePostfix(f"""
 myhostname = mx.remote.test
 mydomain = remote.test
 myorigin = remote.test
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mydestination =
 mynetworks = 127.0.0.2/32
 relay_domains =
 virtual_mailbox_domains = remote.test
@@ -97,25 +55,19 @@ virtual_uid_maps = static:{nobody}
 virtual_gid_maps = static:{nogroup}
 virtual_minimum_uid = 1
 smtpd_tls_security_level = may
-smtpd_tls_cert_file = {conf}/cert.pem
-smtpd_tls_key_file = {conf}/key.pem
+smtpd_tls_cert_file = {certs}/cert.pem
+smtpd_tls_key_file = {certs}/key.pem
 smtpd_tls_loglevel = 1
 smtputf8_enable = yes
 smtp_dns_support_level = disabled
 default_transport = error:outbound mail disabled in this test
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-biff = no
-""")
-    (conf / "master.cf").write_text(MASTER.format(port=port))
-    r = subprocess.run([postfixCmd, "-c", str(conf), "start"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+""").start()
     try:
-        waitForPort(port, timeout=20)
-        yield port, mail / "rcpt", base / "maillog"
+        yield postfix.port, mail / "rcpt", postfix.maillog
     finally:
-        subprocess.run([postfixCmd, "-c", str(conf), "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(top, ignore_errors=True)
+        postfix.stop()
+        shutil.rmtree(mail, ignore_errors=True)
+        shutil.rmtree(certs, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

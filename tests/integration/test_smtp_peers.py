@@ -5,19 +5,15 @@ SMTP issue sent over a real socket (each of these fails on a server that
 is vulnerable to it).
 """
 
-import os
-import pathlib
-import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand, requirePeer
+from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, configForPorts, freePorts, mailplatCommand, requirePeer
 
 pytestmark = pytest.mark.integration
 
@@ -365,57 +361,13 @@ def test_attack_garbage_never_kills_the_session(server):
 
 # -- Postfix relaying to mailplat -----------------------------------------------------------------------
 
-POSTFIX_MASTER = """\
-{port}  inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
 @pytest.fixture
 def postfix(server):
     """A Postfix of its own (config and queue in a temporary directory) on a free port, relaying example.org to mailplat."""
-    postfixCmd = requirePeer("postfix")
-    if os.geteuid() != 0:
-        pytest.skip("running a private Postfix instance needs root")
-    (port,) = freePorts(1)
-    # Not under pytest's tmp_path: Postfix's unprivileged user must be able to reach it.
-    top = pathlib.Path(tempfile.mkdtemp(prefix="mailplat-postfix-"))
-    top.chmod(0o755)
-    base = top / "postfix"
-    conf = base / "etc"
-    for d in (conf, base / "spool", base / "data"):
-        d.mkdir(parents=True)
-    shutil.chown(base / "data", "postfix", "postfix")
-    (conf / "main.cf").write_text(f"""
-compatibility_level = 3.6
-queue_directory = {base}/spool
-data_directory = {base}/data
-mail_owner = postfix
+    postfix = PrivatePostfix(f"""
 myhostname = postfix.test
 mydomain = postfix.test
 myorigin = postfix.test
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mydestination =
 mynetworks = 127.0.0.0/8
 relay_domains = example.org
 transport_maps = inline:{{example.org=smtp:[127.0.0.1]:{PORTS['smtp']}}}
@@ -423,25 +375,11 @@ smtp_tls_security_level = encrypt
 smtp_tls_loglevel = 1
 smtp_dns_support_level = disabled
 smtputf8_enable = yes
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-biff = no
-""")
-    (conf / "master.cf").write_text(POSTFIX_MASTER.format(port=port))
-    r = subprocess.run([postfixCmd, "-c", str(conf), "start"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+""").start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((HOST, port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield port, base / "maillog"
+        yield postfix.port, postfix.maillog
     finally:
-        subprocess.run([postfixCmd, "-c", str(conf), "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(top, ignore_errors=True)
+        postfix.stop()
 
 
 def test_postfix_relays_with_starttls_dsn_and_pipelining(server, postfix):
