@@ -110,6 +110,9 @@ ROLES = ("mx", "submission", "submissions")
 PAUSE_THRESHOLD = 64 * 1024
 
 
+_PROCEED = Decision.proceed()
+
+
 class SMTPFactory(ServerFactory):
     """
     Builds L{SMTPServer} sessions.
@@ -564,12 +567,21 @@ class SMTPServer(Protocol):
 
     # -- hooks ------------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def _runHooks(self, stage, *args):
-        """The first decision other than CONTINUE, or CONTINUE."""
-        hooks = self.factory.hooks
+        """A Deferred of the first decision other than CONTINUE, or CONTINUE."""
+        hooks = []
+        for h in self.factory.hooks:
+            method = getattr(h, stage, None)
+            # A missing stage, or one inherited unchanged from PassThroughHook, is CONTINUE.
+            if method is not None and not getattr(method, "passThrough", False):
+                hooks.append(h)
         if not hooks:
-            return Decision.proceed()
+            # The common case: nothing to consult, no generator to run.
+            return defer.succeed(_PROCEED)
+        return self._consultHooks(hooks, stage, *args)
+
+    @defer.inlineCallbacks
+    def _consultHooks(self, hooks, stage, *args):
         context = self._context()
         for hook in hooks:
             method = getattr(hook, stage, None)

@@ -91,10 +91,13 @@ MAX_PATH = 256
 # -- replies -----------------------------------------------------------------
 
 
+_UNPRINTABLE = re.compile(r"[^ -~]")
+
+
 def _cleanText(line: str) -> str:
     # A reply line carries printable text only: a hook or a router must not
     # be able to add reply lines or control characters to the stream.
-    return "".join(c if (" " <= c <= "~") else "?" for c in line)
+    return _UNPRINTABLE.sub("?", line)
 
 
 @dataclass(frozen=True)
