@@ -251,3 +251,24 @@ def test_greylisting_retry_too_late_starts_again():
     assert hook.rcpt(ctx, "x@example.org", {}, None).code == 451
     clock.advance(11)
     assert hook.rcpt(ctx, "x@example.org", {}, None).action == "continue"
+
+
+def test_greylistingSurvivesARestart(tmp_path):
+    clock = task.Clock()
+    path = str(tmp_path / "greylist.json")
+    ctx = type("C", (), dict(authenticatedUser="", clientAddress="192.0.2.7", sender="a@b.example"))()
+    hook = GreylistHook(clock, delay=10, retryWindow=100, path=path, saveInterval=60)
+    assert hook.rcpt(ctx, "x@example.org", {}, None).code == 451
+    clock.advance(11)
+    assert hook.rcpt(ctx, "x@example.org", {}, None).action == "continue"
+    clock.advance(60)  # the periodic save
+    again = GreylistHook(clock, delay=10, retryWindow=100, path=path)
+    assert again.rcpt(ctx, "x@example.org", {}, None).action == "continue", "a passed triplet is remembered"
+    assert again.rcpt(ctx, "y@example.org", {}, None).code == 451
+
+
+def test_greylistUnreadableFileStartsEmpty(tmp_path):
+    path = tmp_path / "greylist.json"
+    path.write_text("{not json")
+    hook = GreylistHook(task.Clock(), path=str(path))
+    assert len(hook._entries) == 0
