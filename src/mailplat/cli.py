@@ -7,6 +7,7 @@ C{mailplat}: the admin command.
     user   add|list|remove|passwd ADDRESS     (password from stdin when it is not a terminal)
     alias  add ADDRESS TARGET [TARGET...] | list | remove ADDRESS
     queue  list | show ID | flush | retry ID | delete ID | hold ID | release ID
+    fsck   [--check-only] [--grace SECONDS]   check the store and queue against their files; repair
     checkconfig                               validate the configuration and every plugin name
     plugins                                   list every extension plugin by kind
 
@@ -69,6 +70,18 @@ def _parser():
                            ("release", "release a held message")):
         q.add_parser(name, help=helptext).add_argument("id")
     q.add_parser("flush", help="make every queued message due now")
+
+    f = sub.add_parser(
+        "fsck",
+        help="check that the store's and queue's indexes agree with their files and repair them"
+        " (exit 0 when clean, 1 when problems were found)",
+    )
+    f.add_argument("--check-only", "-n", action="store_true", help="report only; change nothing")
+    f.add_argument(
+        "--grace", type=float, default=60.0, metavar="SECONDS",
+        help="files younger than this are not taken for orphans (a running server may be writing them;"
+        " default 60)",
+    )
 
     sub.add_parser("checkconfig", help="validate the configuration and the plugin names")
     sub.add_parser("plugins", help="list the extension plugins")
@@ -275,6 +288,45 @@ def cmdQueue(args, config, out):
         out(f"{args.action}: {args.id.upper()} done")
 
 
+def _sqliteDir(choice, config, default):
+    if choice.plugin != "sqlite":
+        return None
+    path = choice.args.get("path", default)
+    return os.path.join(config.dataDir, path)
+
+
+def cmdFsck(args, config, out):
+    """Exit status: 0 when everything agrees, 1 when problems were found (and, unless --check-only, repaired)."""
+    from mailplat.store.fsck import FsckError, checkQueue, checkStore
+
+    repair = not args.check_only
+    reports = []
+    targets = [
+        ("store", _sqliteDir(config.store, config, "store"), checkStore, "index.sqlite"),
+        ("queue", _sqliteDir(config.queue, config, "queue"), checkQueue, "queue.sqlite"),
+    ]
+    for kind, directory, check, dbName in targets:
+        if directory is None:
+            out(f"{kind}: plugin {getattr(config, kind).plugin!r} is not the sqlite one; skipped")
+            continue
+        if kind == "queue" and not os.path.exists(os.path.join(directory, dbName)):
+            out(f"{kind}: no queue at {directory}; skipped")
+            continue
+        try:
+            report = check(directory, repair=repair, grace=args.grace)
+        except FsckError as e:
+            raise CommandError(str(e))
+        reports.append(report)
+        for line in report.lines():
+            out(line)
+    problems = sum(len(r.findings) for r in reports)
+    if not problems:
+        out("fsck: clean")
+        return 0
+    out(f"fsck: {problems} problem(s) " + ("found (check only: nothing changed)" if not repair else "found and handled"))
+    return EXIT_ERROR
+
+
 def cmdCheckconfig(args, config, out):
     from mailplat.platform import Platform
 
@@ -300,6 +352,7 @@ COMMANDS = {
     "user": cmdUser,
     "alias": cmdAlias,
     "queue": cmdQueue,
+    "fsck": cmdFsck,
     "checkconfig": cmdCheckconfig,
     "plugins": cmdPlugins,
 }
@@ -315,7 +368,7 @@ def main(argv=None, out=None, err=None):
     args = _parser().parse_args(argv)
     try:
         config = _config(args)
-        COMMANDS[args.command](args, config, out)
+        status = COMMANDS[args.command](args, config, out)
     except ConfigError as e:
         for line in e.errors:
             err(f"mailplat: {line}")
@@ -329,7 +382,7 @@ def main(argv=None, out=None, err=None):
     except KeyboardInterrupt:
         err("mailplat: interrupted")
         return EXIT_ERROR
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

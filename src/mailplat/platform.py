@@ -110,14 +110,31 @@ class Platform:
     def tlsContextFactory(self):
         """The server TLS context: configured files, or a generated self-signed pair."""
         if self._tls is None:
-            from mailplat.tls import ensureCertificate, serverContextFactory
+            from mailplat.tls import ReloadableServerContext, ensureCertificate
 
             if self.config.certificate:
                 cert, key = self.config.certificate, self.config.key
             else:
                 cert, key = ensureCertificate(self.dataDir, self.config.hostname)
-            self._tls = serverContextFactory(cert, key)
+            self._tls = ReloadableServerContext(cert, key)
         return self._tls
+
+    def reloadTLS(self) -> bool:
+        """
+        Re-read the TLS certificate and key (SIGHUP): new connections use
+        them.  A pair that cannot be loaded is logged and the current one
+        kept; returns whether the new pair is in use.
+        """
+        if self._tls is None:
+            self.tlsContextFactory()
+            return True
+        try:
+            self._tls.reload()
+        except Exception:
+            _log.failure("TLS reload failed; keeping the current certificate ({cert})", cert=self._tls.certPath)
+            return False
+        _log.info("TLS certificate reloaded from {cert}", cert=self._tls.certPath)
+        return True
 
     def open(self):
         """Open the store and the queue (once); fires when both are ready."""
@@ -296,6 +313,7 @@ class Platform:
         root = service.MultiService()
         root.setName("mailplat")
         _StoreService(self).setServiceParent(root)
+        _ReloadOnHangup(self).setServiceParent(root)
         if "smtp" in roles and self.config.smtp.enabled:
             self.queueRunner().setServiceParent(root)
         for kind, desc, factory in self.listeners(roles):
@@ -303,6 +321,43 @@ class Platform:
             svc.setName(f"{kind} {desc}")
             svc.setServiceParent(root)
         return root
+
+
+class _ReloadOnHangup(service.Service):
+    """On SIGHUP, reload what can be reloaded without a restart: the TLS certificate and key."""
+
+    name = "reload-on-sighup"
+
+    def __init__(self, platform):
+        self.platform = platform
+        self._previous = None
+
+    def startService(self):
+        import signal
+
+        service.Service.startService(self)
+        if not hasattr(signal, "SIGHUP"):
+            return
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        except ValueError:  # not in the main thread (embedded): the embedder calls reloadTLS
+            self._previous = None
+
+    def _hangup(self, signum, frame):
+        # A signal handler runs between bytecodes of the reactor's thread:
+        # hand the work to the reactor rather than doing it here.
+        self.platform.reactor.callFromThread(self.platform.reloadTLS)
+
+    def stopService(self):
+        import signal
+
+        service.Service.stopService(self)
+        if self._previous is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._previous)
+            except ValueError:
+                pass
+            self._previous = None
 
 
 class _StoreService(service.Service):

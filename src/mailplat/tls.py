@@ -2,6 +2,13 @@
 TLS for every listener: a server context factory with TLS 1.2 as the
 minimum, and a self-signed certificate generated on first start when the
 config names none.
+
+The platform's context is a L{ReloadableServerContext}: C{reload()} (run on
+SIGHUP by the platform) reads the certificate and key files again, and every
+connection (implicit TLS or STARTTLS) that starts TLS afterwards uses them.
+Connections already encrypted keep their session.  A pair that cannot be
+loaded (missing file, key not matching the certificate) is refused and the
+previous one stays in use.
 """
 
 from __future__ import annotations
@@ -85,6 +92,36 @@ def serverContextFactory(certPath: str, keyPath: str):
             "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
         ),
     )
+
+
+class ReloadableServerContext:
+    """
+    An old-style server context factory (C{getContext()}, which Twisted
+    calls for each new TLS connection) whose certificate and key can be
+    re-read from their files with L{reload}.
+    """
+
+    def __init__(self, certPath: str, keyPath: str):
+        self.certPath = certPath
+        self.keyPath = keyPath
+        self._options = self._load()
+
+    def _load(self):
+        options = serverContextFactory(self.certPath, self.keyPath)
+        options.getContext()  # builds the context: checks the key matches the certificate
+        return options
+
+    def reload(self) -> None:
+        """Read the files again; on any error raise it and keep the current pair."""
+        self._options = self._load()
+
+    @property
+    def options(self):
+        """The current L{ssl.CertificateOptions}."""
+        return self._options
+
+    def getContext(self):
+        return self._options.getContext()
 
 
 def isTLS(transport) -> bool:

@@ -66,14 +66,23 @@ class DNSTestServer:
         self._ports = []
 
     def start(self, reactor):
+        from twisted.internet.error import CannotListenError
+
         factory = server.DNSServerFactory(authorities=[self.authority])
         protocol = dns.DNSDatagramProtocol(factory)
-        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-        port = udp.getHost().port
-        tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
-        self._ports = [udp, tcp]
-        self.port = port
-        return port
+        for _ in range(20):
+            # A free UDP port whose number may be taken on TCP: try another.
+            udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+            port = udp.getHost().port
+            try:
+                tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+            except CannotListenError:
+                udp.stopListening()
+                continue
+            self._ports = [udp, tcp]
+            self.port = port
+            return port
+        raise RuntimeError("no port free on both UDP and TCP")
 
     def stop(self):
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self._ports])

@@ -1,0 +1,307 @@
+"""
+C{mailplat fsck}: check that the SQLite store's and queue's indexes agree
+with their files, and repair what can be repaired without losing mail.
+
+Checks, in order, for the store (L{checkStore}) and the queue
+(L{checkQueue}):
+
+  - C{PRAGMA integrity_check} and C{PRAGMA foreign_key_check} of the
+    database.  A damaged database is reported and nothing else is repaired
+    (repairs built on a damaged index could make things worse): restore it
+    from a backup or rebuild it with C{sqlite3 index.sqlite .recover}.
+  - Index rows whose file is missing ("missing-file"): the row is removed,
+    recorded as expunged with a new MODSEQ (so CONDSTORE/QRESYNC clients
+    learn of it), and reported with its account, mailbox and UID.  A queue
+    entry whose file is missing ("queue-missing-file") is removed and
+    reported with its sender and recipients, so they can be told.
+  - Files that no row names ("orphan-file", "queue-orphan-file"): never
+    deleted, moved to C{lost+found/} under the store (or queue) directory.
+  - Files whose size differs from the size in the index ("size-mismatch"):
+    reported only; the file is the only copy of its content.
+
+With C{repair=False} everything is reported and nothing changed.
+
+It can run beside a live server (SQLite in WAL mode): every repair is made
+in an immediate transaction after checking again that the problem is still
+there, and files younger than C{grace} seconds are not taken for orphans
+(a delivery writes its file before the row that names it).
+
+This module reads the SQLite files directly, by the schema of
+L{mailplat.store.sqlite} and L{mailplat.queue.sqlite}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+LOST_AND_FOUND = "lost+found"
+
+
+class FsckError(Exception):
+    """fsck could not run at all (no store there, unreadable database)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    #: One of integrity, foreign-key, missing-file, orphan-file,
+    #: size-mismatch, queue-missing-file, queue-orphan-file.
+    kind: str
+    #: What is wrong, for a person.
+    detail: str
+    #: What was done about it ("kept (check only)" when nothing).
+    action: str
+
+    def __str__(self):
+        return f"{self.kind}: {self.detail} -> {self.action}"
+
+
+@dataclass
+class FsckReport:
+    """What one fsck run found and did."""
+
+    directory: str
+    findings: list = field(default_factory=list)
+    #: Counts of what was examined: rows, files.
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def add(self, kind, detail, action):
+        self.findings.append(Finding(kind, detail, action))
+
+    def lines(self):
+        examined = ", ".join(f"{n} {what}" for what, n in self.checked.items())
+        out = [f"{self.directory}: " + (examined or "database not sound; files not examined")]
+        out += [f"  {f}" for f in self.findings]
+        out.append(f"{self.directory}: " + ("clean" if self.clean else f"{len(self.findings)} problem(s)"))
+        return out
+
+
+def _connect(path):
+    if not os.path.isfile(path):
+        raise FsckError(f"no database at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60, isolation_level=None)
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=60000")
+    except sqlite3.Error as e:
+        raise FsckError(f"cannot open {path}: {e}") from e
+    return db
+
+
+def _checkDatabase(db, report, label) -> bool:
+    """Integrity and foreign keys of C{db}; C{True} when sound."""
+    try:
+        problems = [r[0] for r in db.execute("PRAGMA integrity_check")]
+    except sqlite3.DatabaseError as e:
+        problems = [str(e)]
+    if problems != ["ok"]:
+        for p in problems[:20]:
+            report.add("integrity", f"{label}: {p}", "not repaired: restore a backup or use sqlite3 .recover")
+        if len(problems) > 20:
+            report.add("integrity", f"{label}: {len(problems) - 20} more", "not repaired")
+        return False
+    for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
+        report.add("foreign-key", f"{label}: {table} row {rowid} refers to a missing {parent} row", "reported")
+    return True
+
+
+def _walkFiles(top):
+    """Paths (relative to C{top}) of every regular file under C{top}."""
+    found = []
+    if not os.path.isdir(top):
+        return found
+    for root, dirs, files in os.walk(top):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                found.append(os.path.relpath(full, top))
+    return found
+
+
+def _exists(path):
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _young(path, now, grace):
+    try:
+        return now - os.stat(path).st_mtime < grace
+    except FileNotFoundError:
+        return True
+
+
+def _moveToLostAndFound(directory, source, rel):
+    """Move C{source} into C{directory}/lost+found, keeping its name unique; the new path."""
+    lost = os.path.join(directory, LOST_AND_FOUND)
+    os.makedirs(lost, exist_ok=True)
+    base = rel.replace(os.sep, "_")
+    target = os.path.join(lost, base)
+    n = 1
+    while os.path.exists(target):
+        target = os.path.join(lost, f"{base}.{n}")
+        n += 1
+    os.rename(source, target)
+    _syncDir(lost)
+    _syncDir(os.path.dirname(source))
+    return target
+
+
+def _syncDir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: float | None = None) -> FsckReport:
+    """Check (and with C{repair}, repair) the SQLite store under C{directory}."""
+    now = time.time() if now is None else now
+    report = FsckReport(directory)
+    db = _connect(os.path.join(directory, "index.sqlite"))
+    messagesDir = os.path.join(directory, "messages")
+    try:
+        if not _checkDatabase(db, report, "index.sqlite"):
+            return report
+        rows = db.execute(
+            "SELECT m.mailbox, m.uid, m.file, m.size, b.user, b.name FROM messages m"
+            " LEFT JOIN mailboxes b ON b.id = m.mailbox ORDER BY m.mailbox, m.uid"
+        ).fetchall()
+        named = {r[2] for r in rows}
+        files = _walkFiles(messagesDir)
+        report.checked = {"messages": len(rows), "files": len(files)}
+
+        missing = []
+        for mid, uid, rel, size, user, name in rows:
+            actual = _exists(os.path.join(messagesDir, rel))
+            where = f"{user}/{name} UID {uid} ({rel})"
+            if actual is None:
+                missing.append((mid, uid, rel, where))
+            elif actual != size:
+                report.add("size-mismatch", f"{where}: file has {actual} octets, the index says {size}",
+                           "reported (the file is the only copy)")
+        for mid, uid, rel, where in missing:
+            _repairMissing(db, report, messagesDir, repair, mid, uid, rel, where)
+
+        for rel in files:
+            if rel in named:
+                continue
+            path = os.path.join(messagesDir, rel)
+            if _young(path, now, grace):
+                continue
+            # Named since the first look (a delivery committed meanwhile)?
+            if db.execute("SELECT 1 FROM messages WHERE file=? LIMIT 1", (rel,)).fetchone():
+                continue
+            if repair:
+                target = _moveToLostAndFound(directory, path, rel)
+                action = f"moved to {os.path.relpath(target, directory)}"
+            else:
+                action = "kept (check only)"
+            report.add("orphan-file", f"messages/{rel} is named by no message", action)
+    finally:
+        db.close()
+    return report
+
+
+def _repairMissing(db, report, messagesDir, repair, mid, uid, rel, where):
+    detail = f"{where}: the message file is missing"
+    if not repair:
+        # Still so in a fresh read (not expunged meanwhile)?
+        if db.execute("SELECT 1 FROM messages WHERE mailbox=? AND uid=? AND file=?", (mid, uid, rel)).fetchone():
+            report.add("missing-file", detail, "kept (check only)")
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT 1 FROM messages WHERE mailbox=? AND uid=? AND file=?", (mid, uid, rel)).fetchone()
+        if row is None or _exists(os.path.join(messagesDir, rel)) is not None:
+            db.execute("ROLLBACK")
+            return
+        box = db.execute("SELECT highestmodseq FROM mailboxes WHERE id=?", (mid,)).fetchone()
+        db.execute("DELETE FROM messages WHERE mailbox=? AND uid=?", (mid, uid))
+        if box is not None:
+            modseq = box[0] + 1
+            db.execute("INSERT OR REPLACE INTO expunged VALUES (?, ?, ?)", (mid, uid, modseq))
+            db.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (modseq, mid))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    report.add("missing-file", detail, "removed the index row (expunged)")
+
+
+def _envelopeText(text):
+    try:
+        env = json.loads(text)
+    except (TypeError, ValueError):
+        return "unreadable envelope"
+    sender = env.get("sender", "") if isinstance(env, dict) else ""
+    rcpts = env.get("recipients", []) if isinstance(env, dict) else []
+    return f"from <{sender}> to {', '.join(f'<{r}>' for r in rcpts) or '(none)'}"
+
+
+def checkQueue(directory: str, repair: bool = True, grace: float = 0.0, now: float | None = None) -> FsckReport:
+    """Check (and with C{repair}, repair) the SQLite queue under C{directory}."""
+    now = time.time() if now is None else now
+    report = FsckReport(directory)
+    db = _connect(os.path.join(directory, "queue.sqlite"))
+    messagesDir = os.path.join(directory, "messages")
+    try:
+        if not _checkDatabase(db, report, "queue.sqlite"):
+            return report
+        entries = db.execute("SELECT id, envelope, content IS NULL FROM entries ORDER BY id").fetchall()
+        files = _walkFiles(messagesDir)
+        report.checked = {"queue entries": len(entries), "files": len(files)}
+        ids = {e[0] for e in entries}
+
+        for qid, envelope, external in entries:
+            if not external or _exists(os.path.join(messagesDir, qid)) is not None:
+                continue
+            detail = f"queue entry {qid} {_envelopeText(envelope)}: the message file is missing"
+            if not repair:
+                if db.execute("SELECT 1 FROM entries WHERE id=?", (qid,)).fetchone():
+                    report.add("queue-missing-file", detail, "kept (check only)")
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = db.execute("SELECT 1 FROM entries WHERE id=?", (qid,)).fetchone() is None
+                if not gone and _exists(os.path.join(messagesDir, qid)) is None:
+                    db.execute("DELETE FROM entries WHERE id=?", (qid,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if not gone:
+                report.add("queue-missing-file", detail, "removed the entry (tell its sender)")
+
+        for rel in files:
+            if rel in ids:
+                continue
+            path = os.path.join(messagesDir, rel)
+            if _young(path, now, grace):
+                continue
+            if db.execute("SELECT 1 FROM entries WHERE id=?", (rel,)).fetchone():
+                continue
+            if repair:
+                target = _moveToLostAndFound(directory, path, rel)
+                action = f"moved to {os.path.relpath(target, directory)}"
+            else:
+                action = "kept (check only)"
+            report.add("queue-orphan-file", f"messages/{rel} is named by no queue entry", action)
+    finally:
+        db.close()
+    return report
