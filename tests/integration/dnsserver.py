@@ -69,10 +69,9 @@ class DNSTestServer:
         from twisted.internet.error import CannotListenError
 
         factory = server.DNSServerFactory(authorities=[self.authority])
-        protocol = dns.DNSDatagramProtocol(factory)
         for _ in range(20):
             # A free UDP port whose number may be taken on TCP: try another.
-            udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
             port = udp.getHost().port
             try:
                 tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
