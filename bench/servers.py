@@ -125,6 +125,11 @@ listen_tls = {ep("pop3s")}
 
 [http]
 listen = {ep("http")}
+
+# The load comes from one address (127.0.0.1): up to 5,000 IDLE sessions.
+[limits]
+connections_per_ip = 100000
+connections = 100000
 {extraConfig}
 """)
 

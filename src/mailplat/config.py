@@ -86,6 +86,14 @@ TLS_POLICIES = ("never", "opportunistic", "require", "verify")
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Connections each listener accepts: from one client address, and in all."""
+
+    connections_per_ip: int = 50
+    connections: int = 10000
+
+
+@dataclass(frozen=True)
 class HTTPConfig:
     enabled: bool = True
     listen: tuple = ("tcp:8080:interface=127.0.0.1",)
@@ -116,6 +124,7 @@ class Config:
     )
     http: HTTPConfig = HTTPConfig()
     outbound: OutboundConfig = OutboundConfig()
+    limits: LimitsConfig = LimitsConfig()
     source: str = "<embedded default>"
 
     @property
@@ -251,7 +260,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     c = _Checker()
     base = Config()
     top = c.table(raw, "", {"server", "tls", "store", "queue", "auth", "routing", "hooks", "processors",
-                            "converters", "smtp", "imap", "pop3", "http", "outbound"})
+                            "converters", "smtp", "imap", "pop3", "http", "outbound", "limits"})
 
     server = c.table(top.get("server", {}), "server", {"hostname", "data", "log_level"})
     hostname = c.string(server, "hostname", "server", base.hostname)
@@ -347,6 +356,11 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     )
 
     outbound = _outbound(c, top.get("outbound", {}))
+    limitsT = c.table(top.get("limits", {}), "limits", set(LimitsConfig.__dataclass_fields__))
+    limits = LimitsConfig(
+        connections_per_ip=c.positiveInt(limitsT, "connections_per_ip", "limits", LimitsConfig().connections_per_ip),
+        connections=c.positiveInt(limitsT, "connections", "limits", LimitsConfig().connections),
+    )
 
     if c.errors:
         raise ConfigError([f"{source}: {e}" for e in c.errors])
@@ -354,7 +368,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         hostname=hostname, data=data, log_level=logLevel, certificate=certificate, key=key, plaintext_auth=plaintext,
         store=store, queue=queue, retry_schedule=retry, checkers=tuple(checkers), router=router,
         hooks=hooks, processors=processors, converters=converters,
-        smtp=smtp, imap=imap, pop3=pop3, http=http, outbound=outbound, source=source,
+        smtp=smtp, imap=imap, pop3=pop3, http=http, outbound=outbound, limits=limits, source=source,
     )
 
 

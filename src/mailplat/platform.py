@@ -275,30 +275,38 @@ class Platform:
 
     # --- the service tree -----------------------------------------------------
 
+    def limited(self, kind, factory):
+        """C{factory} behind the C{[limits]} connection limits (see L{mailplat.limits})."""
+        from mailplat.limits import LimitedFactory
+
+        limits = self.config.limits
+        return LimitedFactory(factory, kind, limits.connections_per_ip, limits.connections, self.metrics)
+
     def listeners(self, roles=ROLES):
         """C{(name, endpoint description, factory)} for every enabled listener of C{roles}."""
         c = self.config
         out = []
+        lim = self.limited
         if "smtp" in roles and c.smtp.enabled:
             for desc in c.smtp.listen:
-                out.append(("smtp", desc, self.smtpFactory("mx")))
+                out.append(("smtp", desc, lim("smtp", self.smtpFactory("mx"))))
             for desc in c.smtp.submission:
-                out.append(("submission", desc, self.smtpFactory("submission")))
+                out.append(("submission", desc, lim("smtp", self.smtpFactory("submission"))))
             for desc in c.smtp.submissions:
-                out.append(("submissions", desc, self.implicitTLS(self.smtpFactory("submissions"))))
+                out.append(("submissions", desc, self.implicitTLS(lim("smtp", self.smtpFactory("submissions")))))
         if "imap" in roles and c.imap.enabled:
             for desc in c.imap.listen:
-                out.append(("imap", desc, self.imapFactory()))
+                out.append(("imap", desc, lim("imap", self.imapFactory())))
             for desc in c.imap.listen_tls:
-                out.append(("imaps", desc, self.implicitTLS(self.imapFactory())))
+                out.append(("imaps", desc, self.implicitTLS(lim("imap", self.imapFactory()))))
         if "pop3" in roles and c.pop3.enabled:
             for desc in c.pop3.listen:
-                out.append(("pop3", desc, self.pop3Factory()))
+                out.append(("pop3", desc, lim("pop3", self.pop3Factory())))
             for desc in c.pop3.listen_tls:
-                out.append(("pop3s", desc, self.implicitTLS(self.pop3Factory())))
+                out.append(("pop3s", desc, self.implicitTLS(lim("pop3", self.pop3Factory()))))
         if "http" in roles and c.http.enabled:
             for desc in c.http.listen:
-                out.append(("http", desc, self.httpSite()))
+                out.append(("http", desc, lim("http", self.httpSite())))
         return out
 
     def makeService(self, roles=ROLES) -> service.MultiService:

@@ -162,6 +162,8 @@ def test_manyIdleConnections(server):
         for i in range(count):
             s = socket.socket()
             s.settimeout(10)
+            # Spread over 40 loopback source addresses, within [limits] connections_per_ip.
+            s.bind((f"127.0.1.{(i // 3) % 40 + 2}", 0))
             s.connect(("127.0.0.1", ports[names[i % 3]]))
             socks.append(s)
         probe(ports)
@@ -178,15 +180,16 @@ def test_manyIdleConnections(server):
 
 
 def test_connectionFloodFromOneAddress(server):
-    """Connections opened and dropped as fast as possible, from parallel threads."""
+    """Connections opened and dropped as fast as possible from one address, in parallel threads: other clients are served."""
     ports = server.ports
     stop = threading.Event()
     made = [0]
 
     def flood(port):
+        # The flood comes from one address (127.0.0.2); the probe from another (127.0.0.1).
         while not stop.is_set():
             try:
-                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 s.close()
                 made[0] += 1
@@ -331,3 +334,23 @@ def test_parallelAuthFailures(server):
     assert all(i is not None for _, i in outcomes), f"a client was never cut off: {outcomes}"
     assertAlive(server)
     assertMemoryBounded(server)
+
+
+def test_perAddressLimitAnswersInTheProtocol(server):
+    """Past [limits] connections_per_ip, one address is refused politely while another is served."""
+    ports = server.ports
+    held = []
+    try:
+        refusal = None
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", ports["smtp"]), timeout=10, source_address=("127.0.0.3", 0))
+            held.append(s)
+            line = readUntil(s, lineEnded, 10)
+            if not line.startswith(b"220"):
+                refusal = line
+                break
+        assert refusal is not None and refusal.startswith(b"421 4.7.0"), refusal
+        probe(ports)
+    finally:
+        for s in held:
+            s.close()
