@@ -581,7 +581,7 @@ class ErrorHandlingTests(Base):
         def broken(*a, **kw):
             return defer.fail(RuntimeError("database file /var/secret is corrupt"))
 
-        self.store.getMailbox = broken
+        self.store.getMailbox = self.store.selectData = broken
         out = c.send(b"a SELECT INBOX\r\n")
         assert out == b"a NO [SERVERBUG] Internal server error\r\n"
         assert len(self.flushLoggedErrors(RuntimeError)) == 1
@@ -835,3 +835,29 @@ def test_random_sessions_never_break(chunks):
         assert not c.transport.disconnecting or b"* BYE" in out
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+class KnownTests(unittest.TestCase):
+    """The per-session record of flags shown: SELECT arrays under later changes."""
+
+    def test_snapshot_then_changes(self):
+        from mailplat.imap.server import _Known
+
+        seen = frozenset({"\\Seen"})
+        known = _Known((2, 5, 9), (seen, frozenset(), seen), (3, 4, 7))
+        self.assertEqual(known.get(5), (frozenset(), 4))
+        self.assertIn(9, known)
+        self.assertNotIn(3, known)
+        self.assertEqual(known.get(3, (None, 0)), (None, 0))
+        with self.assertRaises(KeyError):
+            known[10]
+        known[5] = (seen, 8)
+        self.assertEqual(known[5], (seen, 8))
+        known[11] = (frozenset(), 12)  # appended after SELECT
+        self.assertEqual(known[11], (frozenset(), 12))
+        self.assertEqual(known.pop(2), (seen, 3))
+        self.assertNotIn(2, known)
+        self.assertIsNone(known.pop(2))
+        known.pop(5)
+        self.assertNotIn(5, known)
+        self.assertEqual(known.get(9), (seen, 7))

@@ -63,6 +63,8 @@ class SlowStore:
 
     def __getattr__(self, name):
         method = getattr(self._store, name)
+        if name.startswith("__"):
+            return method  # the interfaces the store provides
 
         def call(*args, **kwargs):
             d = defer.Deferred()
@@ -933,6 +935,75 @@ class ExtensionTests(SessionMixin, unittest.TestCase):
                  for m in self.messages()]
         self.assertIn(b"\r\n53 %d\r\n.\r\n" % sizes[-1], listing)
         self.assertIn(b" (%d octets)\r\n" % sum(sizes), listing)
+
+
+    def _counting(self):
+        calls = {"getContent": 0, "getContents": []}
+        store = self.store
+
+        class Counting:
+            def __getattr__(self, name):
+                method = getattr(store, name)
+                if name == "getContent":
+                    calls["getContent"] += 1
+                elif name == "getContents":
+                    def many(user, mailbox, uids):
+                        calls["getContents"].append(list(uids))
+                        return method(user, mailbox, uids)
+
+                    return many
+                return method
+
+        return Counting(), calls
+
+    def test_sequential_retr_reads_ahead_in_batches(self):
+        """A download reads many messages per store round trip; every RETR stays byte-exact."""
+        bodies = [b"Subject: %d\r\n\r\n.dot %d\nbare\rcr\r\n" % (i, i) for i in range(100)]
+        for raw in bodies:
+            self.store.append("alice", "INBOX", raw)
+        store, calls = self._counting()
+        proto, t = self.connect(self.factory(store=store))
+        self.login(proto, t)
+        for n in range(4, 104):
+            raw = bodies[n - 4]
+            body = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            expected = b"+OK %d octets\r\n" % len(body) + body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+            self.assertEqual(self.send(proto, t, b"RETR %d\r\n" % n), expected)
+        # Two single reads start the sequence; then about one batch per 16.
+        self.assertLessEqual(calls["getContent"], 3)
+        self.assertLessEqual(len(calls["getContents"]), 100 // (proto.readAhead // 2) + 2)
+        fetched = [u for batch in calls["getContents"] for u in batch]
+        self.assertEqual(len(fetched), len(set(fetched)))
+
+    def test_read_ahead_of_a_message_expunged_meanwhile(self):
+        for i in range(40):
+            self.store.append("alice", "INBOX", b"Subject: %d\r\n\r\nx\r\n" % i)
+        proto, t = self.connect()
+        self.login(proto, t)
+        metas = self.messages()
+        # Message 20 goes (an IMAP session expunges it) before the batch is read.
+        self.store.storeFlags("alice", "INBOX", [metas[19].uid], "add", ["\\Deleted"])
+        self.store.expunge("alice", "INBOX")
+        self.assertTrue(self.send(proto, t, b"RETR 1\r\n").startswith(b"+OK"))
+        self.assertTrue(self.send(proto, t, b"RETR 2\r\n").startswith(b"+OK"))
+        for n in range(3, 20):
+            self.assertTrue(self.send(proto, t, b"RETR %d\r\n" % n).startswith(b"+OK"), n)
+        self.assertEqual(self.send(proto, t, b"RETR 20\r\n"), b"-ERR Message has been removed from the maildrop\r\n")
+        self.assertEqual(self.send(proto, t, b"RETR 21\r\n"), b"+OK 18 octets\r\nSubject: 17\r\n\r\nx\r\n.\r\n")
+        self.assertEqual(self.send(proto, t, b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_sizes_measured_in_batches(self):
+        for i in range(100):
+            self.store.append("alice", "INBOX", b"Subject: %d\n\n%s\n" % (i, b"z\n" * i))
+        store, calls = self._counting()
+        proto, t = self.connect(self.factory(store=store))
+        self.login(proto, t)
+        reply = self.send(proto, t, b"STAT\r\n")
+        total = sum(wire.normalisedSize(self.successResultOf(self.store.getContent("alice", "INBOX", m.uid)))
+                    for m in self.messages())
+        self.assertEqual(reply, b"+OK 103 %d\r\n" % total)
+        self.assertEqual(calls["getContent"], 0)
+        self.assertEqual(len(calls["getContents"]), 1)
 
 
 class _Tracking:

@@ -17,6 +17,7 @@ from mailplat.interfaces.storage import (
     InvalidMailboxName,
     MailboxExists,
     MailboxNotEmpty,
+    IBatchReadStore,
     IContentStore,
     IQuotaStore,
     ISearchIndex,
@@ -42,6 +43,35 @@ class StoreContractMixin:
 
     def test_interface(self):
         verifyObject(IMessageStore, self.store)
+
+    @defer.inlineCallbacks
+    def test_batchReads(self):
+        verifyObject(IBatchReadStore, self.store)
+        other = b"Subject: two\r\n\r\nsecond\r\n"
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.append(self.user, "INBOX", other, flags=["\\Seen", "$Label"])
+        yield self.store.append(self.user, "INBOX", MSG)
+        got = yield self.store.getContents(self.user, "INBOX", [3, 2, 99, 2])
+        self.assertEqual(got, {2: other, 3: MSG})
+        self.assertEqual((yield self.store.getContents(self.user, "INBOX", [])), {})
+        data = yield self.store.selectData(self.user, "INBOX")
+        info = yield self.store.getMailbox(self.user, "INBOX")
+        self.assertEqual(data.info, info)
+        self.assertEqual(data.uids, (1, 2, 3))
+        self.assertEqual(data.flags, (frozenset(), frozenset({"\\Seen", "$Label"}), frozenset()))
+        metas = yield self.store.fetchMeta(self.user, "INBOX")
+        self.assertEqual(data.modseqs, tuple(m.modseq for m in metas))
+        self.assertEqual(data.recent, (1, 2, 3))
+        self.assertEqual(info.recent, 3)
+        self.assertEqual(info.unseen, 2)
+        # selectData claims nothing; claimRecent does.
+        self.assertEqual((yield self.store.claimRecent(self.user, "INBOX")), [1, 2, 3])
+        data = yield self.store.selectData(self.user, "INBOX")
+        self.assertEqual((data.recent, data.info.recent), ((), 0))
+        empty = yield self.store.selectData(self.user, "Sent")
+        self.assertEqual((empty.uids, empty.flags, empty.modseqs, empty.info.messages), ((), (), (), 0))
+        yield self.assertFailure(self.store.selectData(self.user, "Nope"), NoSuchMailbox)
+        yield self.assertFailure(self.store.getContents(self.user, "Nope", [1]), NoSuchMailbox)
 
     @defer.inlineCallbacks
     def test_accounts(self):
@@ -384,6 +414,88 @@ class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
         return SQLiteStore(self.directory, reactor)
 
     @defer.inlineCallbacks
+    def test_selectDataCacheFollowsChanges(self):
+        """The remembered SELECT data of a big mailbox is never stale."""
+        self.store._selectCacheMin = 1
+        for _ in range(3):
+            yield self.store.append(self.user, "INBOX", MSG)
+        s = lambda: self.store.selectData(self.user, "INBOX")
+        first = yield s()
+        self.assertIs((yield s()).uids, first.uids)  # served from memory
+        yield self.store.storeFlags(self.user, "INBOX", [2], "add", ["\\Deleted"])
+        data = yield s()
+        self.assertEqual(data.flags[1], frozenset({"\\Deleted"}))
+        self.assertEqual(data.info.unseen, 3)
+        yield self.store.expunge(self.user, "INBOX")
+        data = yield s()
+        self.assertEqual((data.uids, data.info.messages), ((1, 3), 2))
+        yield self.store.claimRecent(self.user, "INBOX")
+        yield self.store.append(self.user, "INBOX", MSG, flags=["\\Seen"])
+        data = yield s()
+        self.assertEqual((data.uids, data.recent, data.info.unseen), ((1, 3, 4), (4,), 2))
+        yield self.store.copy(self.user, "INBOX", [1], "INBOX")
+        self.assertEqual((yield s()).uids, (1, 3, 4, 5))
+        yield self.store.copy(self.user, "INBOX", [3], "Archive", move=True)
+        self.assertEqual((yield s()).uids, (1, 4, 5))
+        metas = yield self.store.fetchMeta(self.user, "INBOX")
+        self.assertEqual((yield s()).modseqs, tuple(m.modseq for m in metas))
+
+    def test_fulltextOffByDefault(self):
+        self.assertFalse(self.store._fts)
+
+    @defer.inlineCallbacks
+    def test_fulltextSwitchedOnAndOff(self):
+        """Turning the index on builds it over stored text; off drops it; answers stay the same."""
+        import sqlite3
+
+        from mailplat.store.sqlite import _hasFTS5
+
+        if not _hasFTS5():
+            raise unittest.SkipTest("this SQLite has no FTS5")
+        yield self._searchCorpus()
+
+        def tables():
+            db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+            try:
+                return {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            finally:
+                db.close()
+
+        self.assertNotIn("msgfts", tables())
+        for fulltext in (True, False, True):
+            yield self.store.close()
+            self.store = SQLiteStore(self.directory, reactor, fulltext=fulltext)
+            yield self.store.open()
+            self.assertEqual(("msgfts" in tables()), fulltext)
+            s = lambda q: self.store.search(self.user, "INBOX", q)
+            self.assertEqual((yield s(("body", "soup"))), [1])
+            self.assertEqual((yield s(("body", "éléphant"))), [2])
+            self.assertEqual((yield s(("body", "el"))), [])
+            self.assertEqual((yield s(("text", "amy@"))), [2])
+        yield self.store.append(self.user, "INBOX", b"Subject: new\r\n\r\nfresh parsnip\r\n")
+        self.assertEqual((yield self.store.search(self.user, "INBOX", ("body", "parsnip"))), [4])
+
+    def test_factoryArguments(self):
+        from types import SimpleNamespace
+
+        from mailplat.store.sqlite import SQLiteStoreFactory
+
+        context = SimpleNamespace(dataDir=self.mktemp(), reactor=reactor)
+        factory = SQLiteStoreFactory()
+        self.assertFalse(factory.build({}, context)._fts)
+        self.assertFalse(factory.build({"fulltext": False}, context)._fts)
+        from mailplat.store.sqlite import _hasFTS5
+
+        self.assertEqual(factory.build({"fulltext": True, "path": "s"}, context)._fts, _hasFTS5())
+        for bad in ("yes", 1, None):
+            with self.assertRaises(ValueError) as e:
+                factory.build({"fulltext": bad}, context)
+            self.assertIn("fulltext", str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            factory.build({"colour": "red"}, context)
+        self.assertIn("fulltext", str(e.exception))
+
+    @defer.inlineCallbacks
     def test_durableAcrossReopen(self):
         yield self.store.append(self.user, "INBOX", MSG, flags=["\\Seen"])
         yield self.store.close()
@@ -415,3 +527,11 @@ class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
         for root, dirs, files in os.walk(self.directory):
             for name in dirs + files:
                 self.assertNotIn("evil", name)
+
+
+class SQLiteFulltextStoreContractTests(StoreContractMixin, unittest.TestCase):
+    """The whole contract again with the full-text index kept."""
+
+    def makeStore(self):
+        self.directory = self.mktemp()
+        return SQLiteStore(self.directory, reactor, fulltext=True)

@@ -28,6 +28,7 @@ from mailplat.interfaces.storage import (
     DEFAULT_MAILBOXES,
     AccountExists,
     FlagChange,
+    IBatchReadStore,
     IContentStore,
     IMessageStore,
     IQuotaStore,
@@ -43,6 +44,7 @@ from mailplat.interfaces.storage import (
     MessageMeta,
     NoSuchAccount,
     NoSuchMailbox,
+    SelectData,
     validateMailboxName,
 )
 
@@ -185,7 +187,7 @@ def matchesIndex(query, m: "_Message") -> bool:
     raise ValueError(f"unknown query {kind!r}")
 
 
-@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore)
+@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore)
 class MemoryStore:
     """An L{IMessageStore} in memory.  Listeners are called synchronously."""
 
@@ -416,6 +418,27 @@ class MemoryStore:
         def go():
             box = self._mailbox(user, mailbox)
             return box.messages[uid].content
+
+        return self._call(go)
+
+    def getContents(self, user, mailbox, uids):
+        def go():
+            box = self._mailbox(user, mailbox)
+            return {u: box.messages[u].content for u in sorted(set(uids)) if u in box.messages}
+
+        return self._call(go)
+
+    def selectData(self, user, mailbox):
+        def go():
+            box = self._mailbox(user, mailbox)
+            uids = tuple(sorted(box.messages))
+            return SelectData(
+                box.info(box.name in self._subscriptions.get(user, set())),
+                uids,
+                tuple(box.messages[u].flags for u in uids),
+                tuple(box.messages[u].modseq for u in uids),
+                tuple(sorted(box.recent)),
+            )
 
         return self._call(go)
 

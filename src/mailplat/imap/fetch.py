@@ -59,8 +59,26 @@ def literal8(data: bytes) -> bytes:
 _NIL = b"NIL"
 
 
+#: Encoded ENVELOPE fields by value: addresses, names and dates repeat
+#: across a mailbox, and a FETCH ENVELOPE of many messages encodes each one.
+_nCache: dict = {}
+_N_CACHE_SIZE = 20000
+
+
 def _n(value) -> bytes:
-    return wire.nstring(value)
+    if value is None:
+        return _NIL
+    try:
+        return _nCache[value]
+    except KeyError:
+        pass
+    except TypeError:
+        return wire.nstring(value)
+    out = wire.nstring(value)
+    if len(_nCache) >= _N_CACHE_SIZE:
+        _nCache.clear()
+    _nCache[value] = out
+    return out
 
 
 def _addresses(addrs) -> bytes:

@@ -224,7 +224,7 @@ def _texts(content: bytes, part: dict, depth=0):
             charset = v
     try:
         yield data.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # unknown, or e.g. a NUL in the name
         yield data.decode("utf-8", "replace")
 
 

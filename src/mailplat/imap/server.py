@@ -95,6 +95,7 @@ from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import (
     SPECIAL_USES,
     SYSTEM_FLAGS,
+    IBatchReadStore,
     IContentStore,
     IQuotaStore,
     ISearchIndex,
@@ -152,6 +153,50 @@ class _Reply(Exception):
         self.text = text
 
 
+class _Known:
+    """
+    UID -> C{(flags, modseq)} last shown to the client: the arrays read at
+    SELECT (shared, never copied into per-message objects: a SELECT of a
+    big mailbox stays cheap) under the changes recorded since.
+    """
+
+    __slots__ = ("_uids", "_flags", "_modseqs", "_over", "_gone")
+
+    def __init__(self, uids=(), flags=(), modseqs=()):
+        self._uids, self._flags, self._modseqs = uids, flags, modseqs
+        self._over: dict = {}
+        self._gone: set = set()
+
+    def get(self, uid, default=None):
+        value = self._over.get(uid)
+        if value is not None:
+            return value
+        uids = self._uids
+        i = bisect.bisect_left(uids, uid)
+        if i < len(uids) and uids[i] == uid and uid not in self._gone:
+            return (self._flags[i], self._modseqs[i])
+        return default
+
+    def __contains__(self, uid):
+        return self.get(uid) is not None
+
+    def __getitem__(self, uid):
+        value = self.get(uid)
+        if value is None:
+            raise KeyError(uid)
+        return value
+
+    def __setitem__(self, uid, value):
+        self._over[uid] = value
+        self._gone.discard(uid)
+
+    def pop(self, uid, default=None):
+        value = self.get(uid)
+        self._over.pop(uid, None)
+        self._gone.add(uid)
+        return default if value is None else value
+
+
 @dataclass
 class _Selected:
     """A selected mailbox as this session's client knows it."""
@@ -160,7 +205,7 @@ class _Selected:
     readOnly: bool
     uidvalidity: int = 0
     uids: list = field(default_factory=list)  # seq - 1 -> uid, ascending
-    known: dict = field(default_factory=dict)  # uid -> (flags, modseq) last shown
+    known: _Known = field(default_factory=_Known)  # uid -> (flags, modseq) last shown
     recent: set = field(default_factory=set)
     pendingAppend: set = field(default_factory=set)
     pendingFlags: set = field(default_factory=set)
@@ -754,34 +799,44 @@ class IMAPServerProtocol(Protocol):
             return ("BAD", "QRESYNC is not enabled")
         if "CONDSTORE" in cmd.args.get("params", ()):
             self._enableCondstore()
-        info = await store.getMailbox(self._user, cmd.args["mailbox"])
+        if IBatchReadStore.providedBy(store):
+            # One read for the mailbox and its index, no per-message objects;
+            # the writer is asked to claim \\Recent only when some is left.
+            data = await store.selectData(self._user, cmd.args["mailbox"])
+            info = data.info
+            uids, flagSets, modseqs = data.uids, data.flags, data.modseqs
+            recentUids = data.recent
+        else:
+            info = await store.getMailbox(self._user, cmd.args["mailbox"])
+            metas = await store.fetchMeta(self._user, info.name)
+            uids = [m.uid for m in metas]
+            flagSets = [m.flags for m in metas]
+            modseqs = [m.modseq for m in metas]
+            recentUids = None
         sel = _Selected(info.name, readOnly, info.uidvalidity)
         self._selected = sel
-        metas = await store.fetchMeta(self._user, info.name)
         if readOnly:
             recentCount = info.recent
-        else:
+        elif recentUids is None or recentUids:
             sel.recent = set(await store.claimRecent(self._user, info.name))
-        sel.uids = [m.uid for m in metas]
-        sel.known = {m.uid: (m.flags, m.modseq) for m in metas}
+        sel.uids = list(uids)
+        sel.known = _Known(tuple(uids), tuple(flagSets), tuple(modseqs))
         if not readOnly:
-            sel.recent &= set(sel.uids)
+            if sel.recent:
+                sel.recent &= set(uids)
             recentCount = len(sel.recent)
         sel.pendingAppend = {u for u in sel.pendingAppend if u not in sel.known}
         keywords = set()
         unseen = None
-        highest = info.highestModseq
-        for i, m in enumerate(metas):
-            if m.flags:
-                for f in m.flags:
-                    if f[0] != "\\":
-                        keywords.add(f)
-                if unseen is None and "\\Seen" not in m.flags:
-                    unseen = i + 1
-            elif unseen is None:
+        for flagSet in set(flagSets):
+            for f in flagSet:
+                if f[0] != "\\":
+                    keywords.add(f)
+        for i, flagSet in enumerate(flagSets):
+            if "\\Seen" not in flagSet:
                 unseen = i + 1
-            if m.modseq > highest:
-                highest = m.modseq
+                break
+        highest = max(info.highestModseq, max(modseqs, default=0))
         flags = " ".join(list(SYSTEM_FLAGS) + sorted(keywords))
         uidnext = max(info.uidnext, (sel.uids[-1] + 1) if sel.uids else 1)
         out = [
@@ -1201,7 +1256,8 @@ class IMAPServerProtocol(Protocol):
                         items.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
                         if self._condstore and not plan.wantsModseq:
                             items.append((b"MODSEQ", b"(%d)" % meta.modseq))
-                    if uid in sel.known and meta.modseq >= sel.known[uid][1]:
+                    k = sel.known.get(uid)
+                    if k is not None and meta.modseq > k[1]:
                         sel.known[uid] = (meta.flags, meta.modseq)
                 if self._closed:
                     return None
@@ -1255,7 +1311,8 @@ class IMAPServerProtocol(Protocol):
             out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
             if plan.wantsFlags:
                 k = known.get(uid)
-                if k is not None and meta.modseq >= k[1]:
+                # An equal MODSEQ is the same state: nothing to record.
+                if k is not None and meta.modseq > k[1]:
                     known[uid] = (meta.flags, meta.modseq)
         self._send(b"".join(out))
         if missing:

@@ -285,7 +285,10 @@ class IMessageStore(Interface):
         are left alone (RFC 7162 UNCHANGEDSINCE).  Fires with a list of
         L{FlagChange} for every existing message among C{uids} (changed or
         not), and the UIDs left alone because of C{unchangedSince} as a second
-        element: C{(changes, failedUids)}.
+        element: C{(changes, failedUids)}.  Unlike an append, a flag change
+        need not be on stable storage when this fires (a store may let it
+        ride on its next durable commit): a crash may forget the latest flag
+        changes, never a message.
         """
 
     def expunge(user, mailbox, uids=None):
@@ -434,6 +437,41 @@ class IContentStore(Interface):
         closes it) holding one message; fails with L{KeyError} if the UID
         does not exist.  The content stays readable through that object
         even if the message is expunged meanwhile.
+        """
+
+
+@dataclass(frozen=True)
+class SelectData:
+    """
+    What SELECT needs of a mailbox, read at once (L{IBatchReadStore.selectData}):
+    C{uids} ascending, with the flags (frozensets) and MODSEQs at the same
+    positions, and the UIDs that still carry C{\\Recent} in the store (not
+    claimed: the caller claims them with C{claimRecent} when there are any).
+    """
+
+    info: MailboxInfo
+    uids: tuple
+    flags: tuple
+    modseqs: tuple
+    recent: tuple
+
+
+class IBatchReadStore(Interface):
+    """
+    Optional: reads of many messages in one store round trip (POP3 RETR of a
+    whole maildrop, SELECT of a big mailbox) instead of one per message.
+    """
+
+    def getContents(user, mailbox, uids):
+        """
+        Fires with a dict UID -> content (C{bytes}) for those of C{uids}
+        that exist; UIDs that do not are left out.
+        """
+
+    def selectData(user, mailbox):
+        """
+        Fires with a L{SelectData} for C{mailbox}, read in one transaction;
+        fails like L{IMessageStore.getMailbox}.  Claims nothing.
         """
 
 

@@ -699,7 +699,7 @@ def _texts(raw: bytes, part: dict, depth=0):
     charset = _param(part["params"], "charset") or "utf-8"
     try:
         yield data.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # unknown, or e.g. a NUL in the name
         yield data.decode("utf-8", "replace")
 
 

@@ -104,7 +104,7 @@ import mailplat
 from mailplat import tls
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.interfaces.auth import IMailAccount
-from mailplat.interfaces.storage import StoreError, TemporaryStoreFailure
+from mailplat.interfaces.storage import IBatchReadStore, StoreError, TemporaryStoreFailure
 from mailplat.pop3 import wire
 
 _log = Logger(observer=logObserver)
@@ -349,6 +349,7 @@ class POP3Server(protocol.Protocol):
         self._seenBusy = False
         self._seenTimer = None
         self._prefetched: dict = {}  # message number -> (uid, Deferred of content or _Failed)
+        self._aheadRange = range(0)  # RETRs of these numbers start no read ahead
         self._lastRetrieved = -1
         self._avatar = None
         self._logout = None
@@ -389,6 +390,7 @@ class POP3Server(protocol.Protocol):
         if self._streamer is not None:
             self._streamer.stopProducing()
         self._prefetched.clear()
+        self._aheadRange = range(0)
         # Messages sent before the connection dropped were seen all the same.
         self._flushSeen()
         self._endLogin()
@@ -848,6 +850,8 @@ class POP3Server(protocol.Protocol):
         if not missing:
             return defer.succeed(None)
         semaphore = defer.DeferredSemaphore(self.sizeReadAhead)
+        if IBatchReadStore.providedBy(self.factory.store):
+            return self._ensureSizesBatched(missing)
 
         def measure(m):
             if self._closing or m.size is not None:
@@ -863,6 +867,42 @@ class POP3Server(protocol.Protocol):
 
         return defer.gatherResults(
             [semaphore.run(measure, m) for m in missing], consumeErrors=True
+        ).addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+
+    #: With L{IBatchReadStore}: the stored octets read per round trip while
+    #: measuring sizes (a bigger message goes alone).
+    sizeBatchBytes = 1024 * 1024
+
+    def _ensureSizesBatched(self, missing):
+        batches, batch, used = [], [], 0
+        for m in missing:
+            if batch and used + m.storedSize > self.sizeBatchBytes:
+                batches.append(batch)
+                batch, used = [], 0
+            batch.append(m)
+            used += m.storedSize
+        if batch:
+            batches.append(batch)
+        semaphore = defer.DeferredSemaphore(2)
+
+        def measure(batch):
+            batch = [m for m in batch if m.size is None]
+            if self._closing or not batch:
+                return None
+
+            def got(contents):
+                for m in batch:
+                    content = contents.get(m.uid)
+                    if content is None:
+                        # Removed meanwhile (by an IMAP EXPUNGE); report what we had.
+                        m.size = m.storedSize
+                    else:
+                        self._setSize(m, content)
+
+            return self.factory.store.getContents(self.user, MAILDROP, [m.uid for m in batch]).addCallback(got)
+
+        return defer.gatherResults(
+            [semaphore.run(measure, b) for b in batches], consumeErrors=True
         ).addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
 
     def _setSize(self, m, content):
@@ -914,8 +954,13 @@ class POP3Server(protocol.Protocol):
     #: following messages is read before the client asks for it, so the
     #: store's latency overlaps with sending.  Only messages up to
     #: L{readAheadMaxSize} octets are read ahead (memory stays bounded).
-    readAhead = 8
+    #: With a store that reads many messages at once (L{IBatchReadStore}),
+    #: the window is refilled once half of it has been used: one store
+    #: round trip per C{readAhead // 2} messages, not one per message.
+    readAhead = 32
     readAheadMaxSize = 256 * 1024
+    #: The window with a store that reads one message per round trip.
+    singleReadAhead = 8
 
     def _content(self, m, number=None):
         ahead = self._prefetched.pop(number, None) if number is not None else None
@@ -957,16 +1002,47 @@ class POP3Server(protocol.Protocol):
 
     def _readAheadFrom(self, number):
         """Start reading the messages after C{number}; forget those before it."""
+        store = self.factory.store
+        batched = IBatchReadStore.providedBy(store)
+        if batched and number in self._aheadRange:
+            return  # more than half the window is still being read or held
         for k in [k for k in self._prefetched if k <= number]:
             del self._prefetched[k]
-        for k in range(number + 1, min(number + self.readAhead, len(self._messages)) + 1):
+        window = self.readAhead if batched else min(self.readAhead, self.singleReadAhead)
+        last = min(number + window, len(self._messages))
+        todo = []
+        for k in range(number + 1, last + 1):
             m = self._messages[k - 1]
             if k in self._prefetched or m.deleted or m.storedSize > self.readAheadMaxSize:
                 continue
-            d = self.factory.store.getContent(self.user, MAILDROP, m.uid)
-            # Kept as a value: nobody may ever ask for it.
-            d.addErrback(_Failed)
-            self._prefetched[k] = (m.uid, d)
+            todo.append((k, m))
+        if not todo:
+            return
+        if not batched:
+            for k, m in todo:
+                d = store.getContent(self.user, MAILDROP, m.uid)
+                # Kept as a value: nobody may ever ask for it.
+                d.addErrback(_Failed)
+                self._prefetched[k] = (m.uid, d)
+            return
+        if len(todo) < self.readAhead // 2 and last < len(self._messages):
+            return  # wait until half the window is used: fewer, bigger reads
+        parts = [(k, m.uid, defer.Deferred()) for k, m in todo]
+        for k, uid, d in parts:
+            self._prefetched[k] = (uid, d)
+        # Until the client is past the middle of this window, no new read.
+        self._aheadRange = range(number, max(number, last - self.readAhead // 2))
+
+        def split(result):
+            for _, uid, d in parts:
+                if isinstance(result, _Failed):
+                    d.callback(result)
+                elif uid in result:
+                    d.callback(result[uid])
+                else:
+                    d.callback(_Failed(Failure(KeyError(uid))))
+
+        store.getContents(self.user, MAILDROP, [uid for _, uid, _ in parts]).addErrback(_Failed).addCallback(split)
 
     def do_RETR(self, arg):
         number, m = self._number(arg)
@@ -979,7 +1055,8 @@ class POP3Server(protocol.Protocol):
         def send(content):
             if self._closing:
                 return None
-            self._setSize(m, content)
+            if m.size is None:
+                self._setSize(m, content)
             d = self._send(wire.ok(f"{m.size} octets"), content, wire.encodeMessage)
             if d is None:
                 self._seen(m.uid)

@@ -338,7 +338,10 @@ def _normalise(chunks: Iterable[bytes]) -> Iterator[bytes]:
             if not chunk:
                 continue
         if b"\r" in chunk:
-            chunk = _EOL.sub(CRLF, chunk)
+            # Already CRLF throughout (the usual case) needs no rewriting.
+            n = chunk.count(CRLF)
+            if n != chunk.count(b"\r") or n != chunk.count(b"\n"):
+                chunk = _EOL.sub(CRLF, chunk)
         elif b"\n" in chunk:
             chunk = chunk.replace(b"\n", CRLF)
         atLineStart = chunk.endswith(b"\n")

@@ -95,15 +95,21 @@ def syncFiles(paths, directories) -> None:
 
 
 def writeFile(path: str, data: bytes) -> None:
-    """Write C{data} to a new file at C{path} (not yet synced)."""
+    """Write C{data} to a new file at C{path} (not yet synced); on failure (e.g. a full disk) remove it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
-    finally:
+    except BaseException:
         os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
 
 
 def linkOrCopy(source: str, target: str) -> None:
