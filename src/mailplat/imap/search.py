@@ -16,13 +16,13 @@ requires ASCII case-insensitivity), which is a superset.
 
 from __future__ import annotations
 
-import binascii
 import datetime
 import email.header
 import email.utils
-import quopri
 from dataclasses import dataclass
 from typing import Optional
+
+from mailplat.mime.structure import textParts
 
 CHARSETS = ("UTF-8", "US-ASCII")
 
@@ -190,44 +190,6 @@ def _compareDay(day, kind, date) -> bool:
     return day >= date
 
 
-def _transferDecode(data: bytes, encoding: str) -> bytes:
-    try:
-        if encoding == "BASE64":
-            return binascii.a2b_base64(b"".join(data.split()))
-        if encoding == "QUOTED-PRINTABLE":
-            return quopri.decodestring(data)
-    except (binascii.Error, ValueError):
-        return data
-    return data
-
-
-def _texts(content: bytes, part: dict, depth=0):
-    """Decoded text of the C{text/*} leaves (and nested message headers)."""
-    if depth > 60:
-        return
-    if "parts" in part:
-        for p in part["parts"]:
-            yield from _texts(content, p, depth + 1)
-        return
-    if "body" in part and "envelope" in part:
-        hs, bs, _ = part["body"]["offsets"]
-        yield content[hs:bs].decode("utf-8", "replace")
-        yield from _texts(content, part["body"], depth + 1)
-        return
-    if part["type"] != "text":
-        return
-    hs, bs, end = part["offsets"]
-    data = _transferDecode(content[bs:end], part["encoding"])
-    charset = "utf-8"
-    for n, v in part["params"]:
-        if n == "charset":
-            charset = v
-    try:
-        yield data.decode(charset, "replace")
-    except (LookupError, ValueError):  # unknown, or e.g. a NUL in the name
-        yield data.decode("utf-8", "replace")
-
-
 def _contentMatches(msg: Candidate, needle: str, withHeader: bool) -> bool:
     content = msg.content
     if content is None:
@@ -245,7 +207,7 @@ def _contentMatches(msg: Candidate, needle: str, withHeader: bool) -> bool:
                 return True
     if needle in content[bs:end].decode("utf-8", "replace").casefold():
         return True
-    for chunk in _texts(content, body):
+    for chunk in textParts(content, body):
         if needle in chunk.casefold():
             return True
     return False

@@ -681,17 +681,21 @@ def decodedBody(raw: bytes, part: dict) -> bytes:
     return _transferDecode(raw[bs:end], part.get("encoding", "7BIT"))
 
 
-def _texts(raw: bytes, part: dict, depth=0):
+def textParts(raw: bytes, part: dict, depth=0):
+    """
+    The decoded text of the C{text/*} leaves under C{part} and of nested
+    message headers, one string each (transfer encoding and charset undone).
+    """
     if depth > MAX_DEPTH:
         return
     if "parts" in part:
         for p in part["parts"]:
-            yield from _texts(raw, p, depth + 1)
+            yield from textParts(raw, p, depth + 1)
         return
     if "body" in part and "envelope" in part:
         hs, bs, _ = part["body"]["offsets"]
         yield text(raw[hs:bs])
-        yield from _texts(raw, part["body"], depth + 1)
+        yield from textParts(raw, part["body"], depth + 1)
         return
     if part["type"] != "text":
         return
@@ -710,7 +714,7 @@ def bodyText(raw: bytes, structure: dict) -> str:
     charset undone); a body with no text part at all is taken as it is.
     """
     body = structure["body"]
-    chunks = list(_texts(raw, body))
+    chunks = list(textParts(raw, body))
     if not chunks:
         hs, bs, end = body["offsets"]
         chunks = [raw[bs:end].decode("utf-8", "replace")]
