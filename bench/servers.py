@@ -73,11 +73,19 @@ class Server:
         self.workdir = tempfile.mkdtemp(prefix=f"{self.name}-", dir=base)
         os.chmod(self.workdir, 0o755)
 
+    proc = None
+    log = None
+
     def pids(self):
-        return []
+        """The server's process, while it runs."""
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
 
     def stop(self):
-        pass
+        """Kill the process tree and close its log."""
+        _killTree(self.proc)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def __enter__(self):
         return self
@@ -183,9 +191,6 @@ connections = 100000
             waitForPort(self.ports[name], proc=self.proc, what="mailplat")
         return self
 
-    def pids(self):
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
-
     def queued(self):
         """How many messages are in the queue (read from its database, read-only)."""
         import sqlite3
@@ -198,12 +203,6 @@ connections = 100000
             return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         finally:
             db.close()
-
-    def stop(self):
-        _killTree(self.proc)
-        if getattr(self, "log", None):
-            self.log.close()
-            self.log = None
 
     def logTail(self, n=2000):
         try:
@@ -364,28 +363,6 @@ class Dovecot(Server):
         waitForPort(self.pop3Port, proc=self.proc, what="dovecot")
         return self
 
-    def pids(self):
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
-
-    def queued(self):
-        """How many messages are in the queue (read from its database, read-only)."""
-        import sqlite3
-
-        path = os.path.join(self.workdir, "data", "queue", "queue.sqlite")
-        if not os.path.exists(path):
-            return 0
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-        finally:
-            db.close()
-
-    def stop(self):
-        _killTree(self.proc)
-        if getattr(self, "log", None):
-            self.log.close()
-            self.log = None
-
     def deliver(self, user, data: bytes):
         """Deliver like an LDA: write to tmp/, fsync, rename into new/."""
         md = self.maildir(user)
@@ -419,28 +396,6 @@ class Aiosmtpd(Server):
         waitForPort(self.port, proc=self.proc, what="aiosmtpd")
         return self
 
-    def pids(self):
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
-
-    def queued(self):
-        """How many messages are in the queue (read from its database, read-only)."""
-        import sqlite3
-
-        path = os.path.join(self.workdir, "data", "queue", "queue.sqlite")
-        if not os.path.exists(path):
-            return 0
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-        finally:
-            db.close()
-
-    def stop(self):
-        _killTree(self.proc)
-        if getattr(self, "log", None):
-            self.log.close()
-            self.log = None
-
     def delivered(self, user="bench"):
         try:
             return len(os.listdir(os.path.join(self.maildirPath, "new")))
@@ -467,22 +422,6 @@ class SmtpSink(Server):
                                      stdout=self.log, stderr=subprocess.STDOUT)
         waitForPort(self.port, proc=self.proc, what="smtp-sink")
         return self
-
-    def pids(self):
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
-
-    def queued(self):
-        """How many messages are in the queue (read from its database, read-only)."""
-        import sqlite3
-
-        path = os.path.join(self.workdir, "data", "queue", "queue.sqlite")
-        if not os.path.exists(path):
-            return 0
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-        finally:
-            db.close()
 
     def stop(self):
         _killTree(self.proc, timeout=10)
