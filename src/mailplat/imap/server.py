@@ -86,6 +86,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat import tls
+from mailplat.net import writeNow
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.imap import fetch as fetchmod
 from mailplat.imap import search as searchmod
@@ -376,7 +377,7 @@ class IMAPServerProtocol(Protocol):
         if not self._closed and self.transport is not None and data:
             if self._deflate is not None:
                 data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
-            self.transport.write(data)
+            writeNow(self.transport, data)
 
     def _close(self):
         self._state = "logout"

@@ -102,6 +102,7 @@ from zope.interface import implementer
 
 import mailplat
 from mailplat import tls
+from mailplat.net import writeNow
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import IBatchReadStore, StoreError, TemporaryStoreFailure
@@ -413,7 +414,7 @@ class POP3Server(protocol.Protocol):
 
     def _write(self, data: bytes):
         if self._connected and not self._closing:
-            self.transport.write(data)
+            writeNow(self.transport, data)
 
     def _close(self):
         """Close after what has been written (QUIT, too many failures)."""

@@ -89,6 +89,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from mailplat.log import observer as logObserver
+from mailplat.net import writeNow
 from twisted.python.failure import Failure
 
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLAuthenticationFailed, SASLError
@@ -309,11 +310,23 @@ class SMTPServer(Protocol):
     def _clientAddress(self) -> str:
         return getattr(self.transport.getPeer(), "host", "") or ""
 
+    #: Replies made while the command loop runs, sent together when it
+    #: stops (one write for a pipelined group, RFC 2920 section 3.2).
+    _corked = None
+
     def _send(self, data: bytes):
         if self._closed:
             return
-        self.transport.write(data)
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            writeNow(self.transport, data)
         self._touch()
+
+    def _uncork(self):
+        corked, self._corked = self._corked, None
+        if corked and not self._closed:
+            writeNow(self.transport, b"".join(corked))
 
     def reply(self, code, enhanced="", text="", *, plain=False):
         """Send a reply; C{plain} leaves out the enhanced status code (RFC 2034 §3)."""
@@ -334,6 +347,7 @@ class SMTPServer(Protocol):
     def _close(self):
         if self._closed:
             return
+        self._uncork()
         self._closed = True
         self.transport.loseConnection()
 
@@ -490,6 +504,7 @@ class SMTPServer(Protocol):
         if self._inLoop:
             return
         self._inLoop = True
+        self._corked = []
         try:
             while not self._closed and not self._busy:
                 if self._chunkRemaining:
@@ -518,6 +533,7 @@ class SMTPServer(Protocol):
                     self._busy = False
         finally:
             self._inLoop = False
+            self._uncork()
         self._flowControl()
 
     def _flowControl(self):
@@ -715,6 +731,7 @@ class SMTPServer(Protocol):
                 n=discarded,
                 client=self._clientAddress(),
             )
+        self._uncork()  # the 220 goes out in the clear, before the handshake
         self.transport.startTLS(ctx)
         self._tls = True
         self._helo = None

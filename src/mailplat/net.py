@@ -1,0 +1,40 @@
+"""
+Writing replies without a round through the reactor.
+
+C{transport.write} only queues: the bytes go out on the reactor's next
+turn, after it has asked the kernel to watch the socket for writability
+and before it asks it to stop (two C{epoll_ctl} calls and a poll per
+reply).  A request/response protocol writes one reply and then waits,
+so on a plain TCP connection with nothing queued L{writeNow} sends the
+reply at once and queues only what the kernel did not take.  Anything
+else (TLS, a non-TCP transport, bytes still queued, a closing
+connection) goes through C{transport.write} as usual, so the order of
+the bytes never changes.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import tcp
+from twisted.protocols.policies import ProtocolWrapper
+
+
+def _socketTransport(transport):
+    # Through wrappers that pass writes on unchanged (the connection
+    # limits' wrapper), never through one that changes them (TLS).
+    while isinstance(transport, ProtocolWrapper) and type(transport).write is ProtocolWrapper.write:
+        transport = transport.transport
+    return transport if isinstance(transport, tcp.Connection) else None
+
+
+def writeNow(transport, data: bytes) -> None:
+    """Write C{data} to C{transport}, sending it now when that keeps the order."""
+    t = _socketTransport(transport)
+    if (t is None or t.TLS or not t.connected or t.disconnecting or t._writeDisconnected
+            or t.dataBuffer or t._tempDataBuffer):
+        transport.write(data)
+        return
+    sent = t.writeSomeData(data)
+    if not isinstance(sent, int) or sent < 0:
+        transport.write(data)  # the reactor sees the error on its own turn
+    elif sent < len(data):
+        t.write(data[sent:])
