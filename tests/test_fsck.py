@@ -38,10 +38,12 @@ def fileOf(directory, uid):
 
 
 class StoreFsckTests(unittest.TestCase):
+    """A store with every message in a file (C{inlineMax=0})."""
+
     @defer.inlineCallbacks
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
-        store = SQLiteStore(self.dir, reactor)
+        store = SQLiteStore(self.dir, reactor, inlineMax=0)
         yield store.open()
         yield store.createAccount(USER)
         for n in range(1, 5):
@@ -58,7 +60,7 @@ class StoreFsckTests(unittest.TestCase):
     def test_cleanStore(self):
         report = checkStore(self.dir)
         self.assertTrue(report.clean, report.lines())
-        self.assertEqual(report.checked, {"messages": 4, "files": 4})
+        self.assertEqual(report.checked, {"messages": 4, "files": 4, "in the index": 0})
         self.assertEqual(report.lines()[-1], f"{self.dir}: clean")
 
     @defer.inlineCallbacks
@@ -150,6 +152,70 @@ class StoreFsckTests(unittest.TestCase):
         self.assertRaises(FsckError, checkStore, self.mktemp())
 
 
+class InlineStoreFsckTests(unittest.TestCase):
+    """A store with its messages' content in the index (the default)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        store = SQLiteStore(self.dir, reactor)
+        yield store.open()
+        yield store.createAccount(USER)
+        for n in range(1, 4):
+            yield store.append(USER, "INBOX", message(n))
+        yield store.close()
+
+    def execute(self, sql, args=()):
+        db = sqlite3.connect(os.path.join(self.dir, "index.sqlite"), isolation_level=None)
+        try:
+            db.execute(sql, args)
+        finally:
+            db.close()
+
+    def blobOf(self, uid):
+        return int(fileOf(self.dir, uid).rsplit(":", 1)[1])
+
+    def test_clean(self):
+        report = checkStore(self.dir)
+        self.assertTrue(report.clean, report.lines())
+        self.assertEqual(report.checked, {"messages": 3, "files": 0, "in the index": 3})
+
+    @defer.inlineCallbacks
+    def test_missingContentRowRemovedAndExpunged(self):
+        self.execute("DELETE FROM blobs WHERE id=?", (self.blobOf(2),))
+        [finding] = checkStore(self.dir, repair=False).findings
+        self.assertEqual((finding.kind, finding.action), ("missing-file", "kept (check only)"))
+        [finding] = checkStore(self.dir).findings
+        self.assertIn(f"{USER}/INBOX UID 2", finding.detail)
+        self.assertIn("content in the index is missing", finding.detail)
+        self.assertEqual(finding.action, "removed the index row (expunged)")
+        self.assertTrue(checkStore(self.dir).clean)
+        store = SQLiteStore(self.dir, reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        self.assertEqual([m.uid for m in (yield store.fetchMeta(USER, "INBOX"))], [1, 3])
+        self.assertEqual((yield store.getContent(USER, "INBOX", 3)), message(3))
+
+    def test_orphanContentSavedThenRemoved(self):
+        self.execute("INSERT INTO blobs (id, data) VALUES (999, ?)", (b"the only copy",))
+        [finding] = checkStore(self.dir, repair=False).findings
+        self.assertEqual((finding.kind, finding.action), ("orphan-blob", "kept (check only)"))
+        self.assertEqual(rows(self.dir, "SELECT COUNT(*) FROM blobs"), [(4,)])
+        [finding] = checkStore(self.dir).findings
+        self.assertEqual(finding.action, f"written to {LOST_AND_FOUND}/blob-999 and removed from the index")
+        with open(os.path.join(self.dir, LOST_AND_FOUND, "blob-999"), "rb") as f:
+            self.assertEqual(f.read(), b"the only copy")
+        self.assertEqual(rows(self.dir, "SELECT COUNT(*) FROM blobs"), [(3,)])
+        self.assertTrue(checkStore(self.dir).clean)
+
+    def test_sizeMismatchReportedOnly(self):
+        self.execute("UPDATE blobs SET data=? WHERE id=?", (b"short", self.blobOf(1)))
+        [finding] = checkStore(self.dir).findings
+        self.assertEqual(finding.kind, "size-mismatch")
+        self.assertIn("UID 1", finding.detail)
+        self.assertEqual(rows(self.dir, "SELECT COUNT(*) FROM messages"), [(3,)])
+
+
 class QueueFsckTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
@@ -201,7 +267,7 @@ class FsckCommandTests(unittest.TestCase):
     def setUp(self):
         self.data = os.path.abspath(self.mktemp())
         self.store = os.path.join(self.data, "store")
-        store = SQLiteStore(self.store, reactor)
+        store = SQLiteStore(self.store, reactor, inlineMax=0)
         yield store.open()
         yield store.createAccount(USER)
         for n in range(1, 3):

@@ -93,3 +93,12 @@ class WriteNowTests(unittest.TestCase):
                 break
             yield deferLater(reactor, 0.001, lambda: None)
         self.assertEqual(bytes(got), data)
+
+    @defer.inlineCallbacks
+    def test_nagleOffOnceUsed(self):
+        # Two replies sent at once must not wait for the peer's delayed ACK.
+        server, client = yield self.connect()
+        sock = server.transport.getHandle()
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+        writeNow(server.transport, b"* 1 EXISTS\r\n")
+        self.assertNotEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)

@@ -6,6 +6,7 @@ C{makeStore()}, returning a store that has not been opened yet.
 """
 
 import os
+import sqlite3
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -510,8 +511,71 @@ class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
         self.store = SQLiteStore(self.directory, reactor)
         yield self.store.open()
 
+    def blobCount(self):
+        db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+        try:
+            return db.execute("SELECT count(*) FROM blobs").fetchone()[0]
+        finally:
+            db.close()
+
+    def messageFiles(self):
+        return [f for _, _, fs in os.walk(os.path.join(self.directory, "messages")) for f in fs]
+
+    @defer.inlineCallbacks
+    def test_smallMessagesLiveInTheIndex(self):
+        yield self.store.append(self.user, "INBOX", MSG)
+        self.assertEqual((self.messageFiles(), self.blobCount()), ([], 1))
+        f = yield self.store.openContent(self.user, "INBOX", 1)
+        with f:
+            self.assertEqual(f.read(), MSG)
+        yield self.store.storeFlags(self.user, "INBOX", [1], "add", ["\\Deleted"])
+        yield self.store.expunge(self.user, "INBOX")
+        self.assertEqual((self.messageFiles(), self.blobCount()), ([], 0))
+
+    @defer.inlineCallbacks
+    def test_inlineContentFollowsCopyMoveAndDeletion(self):
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.createMailbox(self.user, "Box")
+        yield self.store.copy(self.user, "INBOX", [1], "Box")
+        yield self.store.copy(self.user, "Box", [1], "Archive", move=True)
+        self.assertEqual(self.blobCount(), 2)
+        self.assertEqual((yield self.store.getContent(self.user, "INBOX", 1)), MSG)
+        self.assertEqual((yield self.store.getContent(self.user, "Archive", 1)), MSG)
+        self.assertEqual((yield self.store.getContents(self.user, "Archive", [1, 7])), {1: MSG})
+        yield self.store.deleteMailbox(self.user, "Archive")
+        self.assertEqual(self.blobCount(), 1)
+        yield self.store.deleteAccount(self.user)
+        self.assertEqual(self.blobCount(), 0)
+
+    @defer.inlineCallbacks
+    def test_biggerMessagesGetAFile(self):
+        self.store.inlineMax = len(MSG) - 1
+        yield self.store.append(self.user, "INBOX", MSG)
+        self.store.inlineMax = len(MSG)
+        yield self.store.append(self.user, "INBOX", MSG)
+        self.assertEqual((len(self.messageFiles()), self.blobCount()), (1, 1))
+        self.assertEqual((yield self.store.getContents(self.user, "INBOX", [1, 2])), {1: MSG, 2: MSG})
+        yield self.store.copy(self.user, "INBOX", [1, 2], "Archive", move=True)
+        self.assertEqual((len(self.messageFiles()), self.blobCount()), (1, 1))
+        self.assertEqual((yield self.store.getContents(self.user, "Archive", [1, 2])), {1: MSG, 2: MSG})
+
+    def test_inlineMaxArgument(self):
+        from types import SimpleNamespace
+
+        from mailplat.store.sqlite import SQLiteStoreFactory
+
+        factory = SQLiteStoreFactory()
+        context = SimpleNamespace(dataDir=self.mktemp(), reactor=reactor)
+        self.assertEqual(factory.build({"inline_max": 0}, context).inlineMax, 0)
+        self.assertEqual(factory.build({}, context).inlineMax, SQLiteStore.INLINE_MAX)
+        for bad in (-1, "big", True, 2**40):
+            with self.assertRaises(ValueError) as e:
+                factory.build({"inline_max": bad}, context)
+            self.assertIn("inline_max", str(e.exception))
+
     @defer.inlineCallbacks
     def test_filesRemovedOnExpunge(self):
+        self.store.inlineMax = 0
         yield self.store.append(self.user, "INBOX", MSG)
         files = [f for _, _, fs in os.walk(os.path.join(self.directory, "messages")) for f in fs]
         self.assertEqual(len(files), 1)
@@ -527,6 +591,14 @@ class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
         for root, dirs, files in os.walk(self.directory):
             for name in dirs + files:
                 self.assertNotIn("evil", name)
+
+
+class SQLiteFileStoreContractTests(StoreContractMixin, unittest.TestCase):
+    """The whole contract again with every message in a file of its own."""
+
+    def makeStore(self):
+        self.directory = self.mktemp()
+        return SQLiteStore(self.directory, reactor, inlineMax=0)
 
 
 class SQLiteFulltextStoreContractTests(StoreContractMixin, unittest.TestCase):

@@ -10,6 +10,11 @@ reply at once and queues only what the kernel did not take.  Anything
 else (TLS, a non-TCP transport, bytes still queued, a closing
 connection) goes through C{transport.write} as usual, so the order of
 the bytes never changes.
+
+Replies sent at once may leave in several small segments (an untagged
+IMAP response, then the tagged one).  With Nagle's algorithm on, the
+second would wait for the client's delayed ACK (40 ms on Linux), so
+L{writeNow} turns it off (C{TCP_NODELAY}) on a connection it sends on.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ def writeNow(transport, data: bytes) -> None:
             or t.dataBuffer or t._tempDataBuffer):
         transport.write(data)
         return
+    if not t.__dict__.get("_mailplatNoDelay"):
+        t._mailplatNoDelay = True
+        try:
+            t.setTcpNoDelay(True)
+        except OSError:
+            pass
     sent = t.writeSomeData(data)
     if not isinstance(sent, int) or sent < 0:
         transport.write(data)  # the reactor sees the error on its own turn

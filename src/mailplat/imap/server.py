@@ -1701,13 +1701,11 @@ class IMAPServerProtocol(Protocol):
                     sel.recentWon = set()
                     if won:
                         sel.recent.update(u for u in won if sel.seqOf(u) is not None)
-                        # Clear the store's record too (other processes' sessions).
-                        try:
-                            await store.claimRecent(self._user, sel.name)
-                        except StoreError:
-                            pass
-                        if sel is not self._selected:
-                            return
+                        # Clear the store's record too (for sessions of other
+                        # processes and later SELECTs), without waiting: the
+                        # claim was decided above, and \Recent is advisory.
+                        store.claimRecent(self._user, sel.name).addErrback(
+                            lambda f: f.trap(StoreError) and None)
                     self._send(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), len(sel.recent)))
         if sel.pendingFlags:
             uids = sorted(u for u in sel.pendingFlags if u in sel.known and u not in dead and u not in sel.pendingExpunge)

@@ -9,15 +9,19 @@ Checks, in order, for the store (L{checkStore}) and the queue
     database.  A damaged database is reported and nothing else is repaired
     (repairs built on a damaged index could make things worse): restore it
     from a backup or rebuild it with C{sqlite3 index.sqlite .recover}.
-  - Index rows whose file is missing ("missing-file"): the row is removed,
+  - Index rows whose file, or whose content in the index (messages up to
+    the store's inline size), is missing ("missing-file"): the row is removed,
     recorded as expunged with a new MODSEQ (so CONDSTORE/QRESYNC clients
     learn of it), and reported with its account, mailbox and UID.  A queue
     entry whose file is missing ("queue-missing-file") is removed and
     reported with its sender and recipients, so they can be told.
   - Files that no row names ("orphan-file", "queue-orphan-file"): never
     deleted, moved to C{lost+found/} under the store (or queue) directory.
-  - Files whose size differs from the size in the index ("size-mismatch"):
-    reported only; the file is the only copy of its content.
+  - Content in the index that no row names ("orphan-blob"): never
+    deleted without a copy; written to C{lost+found/} as a file, then
+    removed from the index.
+  - Files (or content in the index) whose size differs from the size in
+    the index ("size-mismatch"): reported only; it is the only copy.
 
 With C{repair=False} everything is reported and nothing changed.
 
@@ -47,7 +51,7 @@ class FsckError(Exception):
 
 @dataclass(frozen=True)
 class Finding:
-    #: One of integrity, foreign-key, missing-file, orphan-file,
+    #: One of integrity, foreign-key, missing-file, orphan-file, orphan-blob,
     #: size-mismatch, queue-missing-file, queue-orphan-file.
     kind: str
     #: What is wrong, for a person.
@@ -133,6 +137,24 @@ def _exists(path):
         return None
 
 
+def _hasBlobs(db):
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='blobs'").fetchone() is not None
+
+
+def _contentSize(db, messagesDir, rel):
+    """The size of what a message row names (a file, or C{':<id>'} in the index); None if missing."""
+    if rel.startswith(":"):
+        try:
+            blob = int(rel[1:])
+        except ValueError:
+            return None
+        if not _hasBlobs(db):
+            return None
+        row = db.execute("SELECT length(data) FROM blobs WHERE id=?", (blob,)).fetchone()
+        return None if row is None else row[0]
+    return _exists(os.path.join(messagesDir, rel))
+
+
 def _young(path, now, grace):
     try:
         return now - os.stat(path).st_mtime < grace
@@ -184,17 +206,19 @@ def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: flo
         ).fetchall()
         named = {r[2] for r in rows}
         files = _walkFiles(messagesDir)
-        report.checked = {"messages": len(rows), "files": len(files)}
+        blobs = [r[0] for r in db.execute("SELECT id FROM blobs ORDER BY id")] if _hasBlobs(db) else []
+        report.checked = {"messages": len(rows), "files": len(files), "in the index": len(blobs)}
 
         missing = []
         for mid, uid, rel, size, user, name in rows:
-            actual = _exists(os.path.join(messagesDir, rel))
+            actual = _contentSize(db, messagesDir, rel)
             where = f"{user}/{name} UID {uid} ({rel})"
+            what = "its content in the index" if rel.startswith(":") else "file"
             if actual is None:
                 missing.append((mid, uid, rel, where))
             elif actual != size:
-                report.add("size-mismatch", f"{where}: file has {actual} octets, the index says {size}",
-                           "reported (the file is the only copy)")
+                report.add("size-mismatch", f"{where}: {what} has {actual} octets, the index says {size}",
+                           "reported (it is the only copy)")
         for mid, uid, rel, where in missing:
             _repairMissing(db, report, messagesDir, repair, mid, uid, rel, where)
 
@@ -213,13 +237,52 @@ def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: flo
             else:
                 action = "kept (check only)"
             report.add("orphan-file", f"messages/{rel} is named by no message", action)
+
+        for blob in blobs:
+            if f":{blob}" not in named:
+                _orphanBlob(db, report, directory, repair, blob)
     finally:
         db.close()
     return report
 
 
+def _orphanBlob(db, report, directory, repair, blob):
+    """Content in the index that no row names: saved to lost+found, then removed."""
+    rel = f":{blob}"
+    detail = f"index content {rel} is named by no message"
+    if not repair:
+        if not db.execute("SELECT 1 FROM messages WHERE file=? LIMIT 1", (rel,)).fetchone():
+            report.add("orphan-blob", detail, "kept (check only)")
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT data FROM blobs WHERE id=?", (blob,)).fetchone()
+        if row is None or db.execute("SELECT 1 FROM messages WHERE file=? LIMIT 1", (rel,)).fetchone():
+            db.execute("ROLLBACK")
+            return
+        lost = os.path.join(directory, LOST_AND_FOUND)
+        os.makedirs(lost, exist_ok=True)
+        target = os.path.join(lost, f"blob-{blob}")
+        n = 1
+        while os.path.exists(target):
+            target = os.path.join(lost, f"blob-{blob}.{n}")
+            n += 1
+        with open(target, "xb") as f:
+            f.write(row[0])
+            f.flush()
+            os.fsync(f.fileno())
+        _syncDir(lost)
+        db.execute("DELETE FROM blobs WHERE id=?", (blob,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    report.add("orphan-blob", detail, f"written to {os.path.relpath(target, directory)} and removed from the index")
+
+
 def _repairMissing(db, report, messagesDir, repair, mid, uid, rel, where):
-    detail = f"{where}: the message file is missing"
+    what = "its content in the index is" if rel.startswith(":") else "the message file is"
+    detail = f"{where}: {what} missing"
     if not repair:
         # Still so in a fresh read (not expunged meanwhile)?
         if db.execute("SELECT 1 FROM messages WHERE mailbox=? AND uid=? AND file=?", (mid, uid, rel)).fetchone():
@@ -228,7 +291,7 @@ def _repairMissing(db, report, messagesDir, repair, mid, uid, rel, where):
     db.execute("BEGIN IMMEDIATE")
     try:
         row = db.execute("SELECT 1 FROM messages WHERE mailbox=? AND uid=? AND file=?", (mid, uid, rel)).fetchone()
-        if row is None or _exists(os.path.join(messagesDir, rel)) is not None:
+        if row is None or _contentSize(db, messagesDir, rel) is not None:
             db.execute("ROLLBACK")
             return
         box = db.execute("SELECT highestmodseq FROM mailboxes WHERE id=?", (mid,)).fetchone()

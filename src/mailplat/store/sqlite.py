@@ -15,6 +15,7 @@ connection per thread.  Nothing here blocks the reactor.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -122,9 +123,17 @@ CREATE TABLE IF NOT EXISTS quotas (
     storage INTEGER,
     messages INTEGER
 );
+-- The content of messages up to the store's inline size, in the index
+-- itself: a message row names it as ':<id>' in place of a file.  Each
+-- row has its own (COPY duplicates it), so it goes with its row.
+CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TRIGGER IF NOT EXISTS messages_index_delete AFTER DELETE ON messages BEGIN
     DELETE FROM msgindex WHERE mailbox=old.mailbox AND uid=old.uid;
     DELETE FROM msgtext WHERE mailbox=old.mailbox AND uid=old.uid;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_blob_delete AFTER DELETE ON messages
+    WHEN substr(old.file, 1, 1) = ':' BEGIN
+    DELETE FROM blobs WHERE id=CAST(substr(old.file, 2) AS INTEGER);
 END;
 CREATE TRIGGER IF NOT EXISTS messages_index_move AFTER UPDATE OF mailbox, uid ON messages BEGIN
     UPDATE msgindex SET mailbox=new.mailbox, uid=new.uid WHERE mailbox=old.mailbox AND uid=old.uid;
@@ -395,9 +404,23 @@ class SQLiteStore:
     delivery pays for the index, only body searches of very big mailboxes
     gain from it: turn it on (C{[store] args = { fulltext = true }}) where
     those are common.
+
+    Message content up to C{inlineMax} octets (128 KB by default) is kept
+    in the index database, committed in the same transaction as the row
+    that names it: a delivery costs one WAL fsync shared by its batch,
+    where a file of its own costs creating, syncing and linking it (an
+    fsync of the file and of its directory, each a journal commit of the
+    file system, before the WAL's).  Bigger messages get a file each, as
+    do all with C{inlineMax=0}.  Measured on this store alone (2 cores,
+    10 concurrent sessions of appends, flag changes and expunges, 4 KB
+    messages): see docs/reliability.md.
     """
 
-    def __init__(self, directory: str, reactor=None, fulltext: bool = False):
+    #: Messages up to this many octets are kept in the index database by
+    #: default (see L{SQLiteStore}).
+    INLINE_MAX = 128 * 1024
+
+    def __init__(self, directory: str, reactor=None, fulltext: bool = False, inlineMax: int | None = None):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
@@ -405,6 +428,7 @@ class SQLiteStore:
         self._dbPath = os.path.join(self.directory, "index.sqlite")
         self._messagesDir = os.path.join(self.directory, "messages")
         self._fts = bool(fulltext) and _hasFTS5()
+        self.inlineMax = self.INLINE_MAX if inlineMax is None else int(inlineMax)
         self._db = Database(
             self._dbPath, SCHEMA + (FTS_SCHEMA if self._fts else NO_FTS_SCHEMA), reactor, "mailplat-store-writer"
         )
@@ -442,9 +466,8 @@ class SQLiteStore:
             ).fetchall()
             for mid, uid, rel, structure in rows:
                 try:
-                    with open(os.path.join(self._messagesDir, rel), "rb") as f:
-                        content = f.read()
-                except OSError:
+                    content = self._load(db, rel)
+                except (OSError, KeyError):
                     continue
                 try:
                     st = json.loads(structure) if structure else None
@@ -732,24 +755,39 @@ class SQLiteStore:
         state = {}
 
         def prepare():
-            path = self._newFilePath()
-            if isinstance(source, (bytes, bytearray, memoryview)):
+            inline = (
+                isinstance(source, (bytes, bytearray, memoryview)) and len(source) <= self.inlineMax
+                or isinstance(source, str) and os.path.getsize(source) <= self.inlineMax
+            )
+            if inline:
+                if isinstance(source, str):
+                    with open(source, "rb") as f:
+                        content = f.read()
+                else:
+                    content = bytes(source)
+                state["inline"] = content
+                synced, dirs = [], []
+            elif isinstance(source, (bytes, bytearray, memoryview)):
+                path = self._newFilePath()
                 content = bytes(source)
                 writeFile(path, content)
                 synced = [path]
             else:
+                path = self._newFilePath()
                 linkOrCopy(source, path)
                 with open(path, "rb") as f:
                     content = f.read()
                 # A hard link to an already-durable file needs only its
                 # directory entry synced; a copy needs its data synced too.
                 synced = [path] if os.stat(path).st_nlink == 1 else []
-            state["path"] = path
+            if not inline:
+                state["path"] = path
+                dirs = [os.path.dirname(path)]
             state["size"] = len(content)
             structure = _analyze(content)
             state["structure"] = json.dumps(structure, separators=(",", ":"))
             state["index"] = _indexRow(content, structure)
-            return synced, [os.path.dirname(path)]
+            return synced, dirs
 
         def apply(db):
             mid, canon, uidvalidity, uidnext, highest, _ = self._mailboxRow(db, user, mailbox)
@@ -763,11 +801,14 @@ class SQLiteStore:
                     return (uidvalidity, row[0])
             self._checkQuota(db, user, state["size"], 1)
             modseq = highest + 1
+            if "inline" in state:
+                rel = ":%d" % db.execute("INSERT INTO blobs (data) VALUES (?)", (state["inline"],)).lastrowid
+            else:
+                rel = os.path.relpath(state["path"], self._messagesDir)
             db.execute(
                 "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, deliveryid, structure)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, uidnext, os.path.relpath(state["path"], self._messagesDir), state["size"], date, modseq,
-                 flagsText, deliveryId, state["structure"]),
+                (mid, uidnext, rel, state["size"], date, modseq, flagsText, deliveryId, state["structure"]),
             )
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext + 1, modseq, mid))
             _insertIndex(db, mid, uidnext, *state["index"])
@@ -775,7 +816,7 @@ class SQLiteStore:
             return (uidvalidity, uidnext)
 
         def after(result):
-            if state.get("duplicate"):
+            if state.get("duplicate") and "path" in state:
                 self._unlinkAll([state["path"]], relative=False)
 
         def onFailure():
@@ -874,24 +915,11 @@ class SQLiteStore:
                 return out
             for uid, rel in self._rowsFor(db, mid, wanted, "uid, file"):
                 try:
-                    with open(os.path.join(self._messagesDir, rel), "rb") as f:
-                        out[uid] = f.read()
-                except FileNotFoundError:
+                    out[uid] = self._load(db, rel)
+                except (FileNotFoundError, KeyError):
                     # Expunged after the row was read: as if it never existed.
                     continue
             return out
-
-        return self._read(run)
-
-    def messagePath(self, user, mailbox, uid):
-        """Fires with the path of a message's file (for streaming and linking)."""
-
-        def run(db):
-            mid = self._mailboxRow(db, user, mailbox)[0]
-            row = db.execute("SELECT file FROM messages WHERE mailbox=? AND uid=?", (mid, uid)).fetchone()
-            if row is None:
-                raise KeyError(uid)
-            return os.path.join(self._messagesDir, row[0])
 
         return self._read(run)
 
@@ -901,8 +929,7 @@ class SQLiteStore:
             row = db.execute("SELECT file FROM messages WHERE mailbox=? AND uid=?", (mid, uid)).fetchone()
             if row is None:
                 raise KeyError(uid)
-            with open(os.path.join(self._messagesDir, row[0]), "rb") as f:
-                return f.read()
+            return self._load(db, row[0])
 
         return self._read(run)
 
@@ -1006,6 +1033,8 @@ class SQLiteStore:
             mid = self._mailboxRow(db, user, mailbox)[0]
             rows = self._rowsFor(db, mid, wanted, "uid, file")
             for uid, rel in rows:
+                if rel.startswith(":"):
+                    continue  # in the index: copied by the transaction
                 target = self._newFilePath()
                 linkOrCopy(os.path.join(self._messagesDir, rel), target)
                 state["links"].append((uid, target))
@@ -1023,14 +1052,21 @@ class SQLiteStore:
             srcModseq = src[4] + 1
             mapping, removed, metas = [], [], []
             for uid, rel, size, date, flags, structure in rows:
-                target = linked.pop(uid, None)
-                if target is None:
-                    continue
+                if rel.startswith(":"):
+                    cur = db.execute("INSERT INTO blobs (data) SELECT data FROM blobs WHERE id=?", (int(rel[1:]),))
+                    if not cur.rowcount:
+                        continue
+                    newRel = ":%d" % cur.lastrowid
+                else:
+                    target = linked.pop(uid, None)
+                    if target is None:
+                        continue
+                    newRel = os.path.relpath(target, self._messagesDir)
                 highest += 1
                 db.execute(
                     "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, structure)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (dst[0], uidnext, os.path.relpath(target, self._messagesDir), size, date, highest, flags, structure),
+                    (dst[0], uidnext, newRel, size, date, highest, flags, structure),
                 )
                 cols = ", ".join(_INDEX_COLUMNS)
                 db.execute(
@@ -1146,6 +1182,8 @@ class SQLiteStore:
             row = db.execute("SELECT file FROM messages WHERE mailbox=? AND uid=?", (mid, uid)).fetchone()
             if row is None:
                 raise KeyError(uid)
+            if row[0].startswith(":"):
+                return io.BytesIO(self._load(db, row[0]))
             return open(os.path.join(self._messagesDir, row[0]), "rb")
 
         return self._read(run)
@@ -1199,8 +1237,20 @@ class SQLiteStore:
 
     # --- helpers --------------------------------------------------------------
 
+    def _load(self, db, rel: str) -> bytes:
+        """The content a message row names: its blob (C{':<id>'}) or its file; L{KeyError} if gone."""
+        if rel.startswith(":"):
+            row = db.execute("SELECT data FROM blobs WHERE id=?", (int(rel[1:]),)).fetchone()
+            if row is None:
+                raise KeyError(rel)
+            return bytes(row[0])
+        with open(os.path.join(self._messagesDir, rel), "rb") as f:
+            return f.read()
+
     def _unlinkAll(self, files, relative=True):
         for f in files or ():
+            if f.startswith(":"):
+                continue  # in the index: its row's deletion removed it
             path = os.path.join(self._messagesDir, f) if relative else f
             try:
                 os.unlink(path)
@@ -1215,17 +1265,22 @@ class SQLiteStoreFactory:
 
     def build(self, args, context):
         """
-        Args: C{path} (see L{dataPathArgument}) and C{fulltext} (a boolean,
-        default false: see L{SQLiteStore} for why).
+        Args: C{path} (see L{dataPathArgument}), C{fulltext} (a boolean,
+        default false) and C{inline_max} (octets, default 131072: messages
+        up to this size are kept in the index database; 0 puts every
+        message in a file of its own).  See L{SQLiteStore} for both.
         """
         args = dict(args or {})
         fulltext = args.pop("fulltext", False)
         if not isinstance(fulltext, bool):
             raise ValueError(f"fulltext must be true or false, not {fulltext!r}")
+        inlineMax = args.pop("inline_max", SQLiteStore.INLINE_MAX)
+        if isinstance(inlineMax, bool) or not isinstance(inlineMax, int) or not 0 <= inlineMax <= 16 * 1024 * 1024:
+            raise ValueError(f"inline_max must be a number of octets from 0 to 16777216, not {inlineMax!r}")
         try:
             path = dataPathArgument(args, context, "store")
         except ValueError as e:
             if "unknown argument" in str(e):
-                raise ValueError(str(e) + ", fulltext") from None
+                raise ValueError(str(e) + ", fulltext, inline_max") from None
             raise
-        return SQLiteStore(path, context.reactor, fulltext=fulltext)
+        return SQLiteStore(path, context.reactor, fulltext=fulltext, inlineMax=inlineMax)

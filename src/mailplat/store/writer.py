@@ -210,77 +210,113 @@ class Database:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
 
 
+class _Prepared:
+    """Operations whose files are durable, in their order, ready to commit."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self, ops):
+        self.ops = ops
+
+
+#: Sentinels on the stages' queues.
+_STOP = object()
+_FILES_DONE = object()
+
+
 class Writer:
-    """The writer thread of one database."""
+    """
+    The write pipeline of one database, three threads in a row:
+
+      1. I{files}: operations that write files (C{prepare}) are prepared
+         in batches and their files synced together;
+      2. I{commit}: every operation that is ready (its files durable, or
+         none to write) is applied in one transaction per batch and
+         committed (an fsync of the WAL when any of them is durable);
+      3. I{completion}: each committed operation's C{after} step runs
+         (unlinking files the transaction removed) and its Deferred fires,
+         in commit order.
+
+    So a change with no files to write (flags, a queue settlement) never
+    waits for another operation's file fsyncs, the commit stage never waits
+    for an unlink, and one batch's files are synced while the previous
+    batch commits.  Operations that write files keep their submission order
+    among themselves, as do those that do not; an operation of one kind may
+    commit before one of the other kind that was submitted earlier and has
+    not completed yet (the two are concurrent: neither caller has seen the
+    other's result).
+    """
 
     def __init__(self, path: str, reactor, name: str = "mailplat-writer", maxBatch: int = 512):
         self._path = path
         self._reactor = reactor
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # to the commit stage
+        self._fileQueue: queue.Queue = queue.Queue()
+        self._doneQueue: queue.Queue = queue.Queue()
         self._maxBatch = maxBatch
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._threads = [
+            threading.Thread(target=self._runFiles, name=name + "-files", daemon=True),
+            threading.Thread(target=self._run, name=name, daemon=True),
+            threading.Thread(target=self._runCompletion, name=name + "-done", daemon=True),
+        ]
         self._started = False
 
     def start(self):
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         self._started = True
 
     def stop(self):
-        """Finish queued work; fires (on the reactor) when the thread has ended."""
+        """Finish queued work; fires (on the reactor) when the threads have ended."""
         if not self._started:
             return defer.succeed(None)
         d = defer.Deferred()
-        self._queue.put(None)
+        self._fileQueue.put(_STOP)
 
         def wait():
-            self._thread.join()
+            for t in self._threads:
+                t.join()
             self._reactor.callFromThread(d.callback, None)
 
         threading.Thread(target=wait, daemon=True).start()
         return d
 
     def submit(self, op: WriteOp):
-        self._queue.put(op)
+        (self._fileQueue if op.prepare is not None else self._queue).put(op)
         return op.deferred
 
-    def _run(self):
-        db = connect(self._path)
-        try:
-            while True:
-                op = self._queue.get()
-                if op is None:
-                    return
-                batch = [op]
-                stop = False
-                while len(batch) < self._maxBatch:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                self._runBatch(db, batch)
-                if stop:
-                    return
-        finally:
-            db.close()
+    @staticmethod
+    def _drain(q, first, limit):
+        """C{first} and what else is waiting on C{q}, up to C{limit}; and whether a sentinel came."""
+        batch = [first]
+        while len(batch) < limit:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP or nxt is _FILES_DONE:
+                return batch, nxt
+            batch.append(nxt)
+        return batch, None
 
-    def _fire(self, op, result, ok):
-        if ok:
-            self._reactor.callFromThread(op.deferred.callback, result)
-        else:
-            self._reactor.callFromThread(op.deferred.errback, result)
+    # --- stage 1: files ---------------------------------------------------------
 
-    def _runBatch(self, db, batch):
-        results = {}
+    def _runFiles(self):
+        while True:
+            op = self._fileQueue.get()
+            if op is _STOP:
+                self._queue.put(_FILES_DONE)
+                return
+            batch, sentinel = self._drain(self._fileQueue, op, self._maxBatch)
+            self._prepare(batch)
+            if sentinel is not None:
+                self._queue.put(_FILES_DONE)
+                return
+
+    def _prepare(self, batch):
         live = []
         paths, dirs = [], set()
         for op in batch:
-            if op.prepare is None:
-                live.append(op)
-                continue
             try:
                 p, d = op.prepare()
                 paths.extend(p)
@@ -289,16 +325,44 @@ class Writer:
             except Exception:
                 f = Failure()
                 _log.failure("store write preparation failed", f)
-                self._failOp(op, f)
-        if paths or dirs:
+                self._doneQueue.put((op, f))
+        if live and (paths or dirs):
             try:
                 syncFiles(paths, sorted(dirs))
             except Exception:
                 f = Failure()
                 _log.failure("fsync failed", f)
                 for op in live:
-                    self._failOp(op, f)
+                    self._doneQueue.put((op, f))
                 return
+        if live:
+            self._queue.put(_Prepared(live))
+
+    # --- stage 2: commit --------------------------------------------------------
+
+    def _run(self):
+        db = connect(self._path)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _FILES_DONE:
+                    break
+                items, sentinel = self._drain(self._queue, item, self._maxBatch)
+                ops = []
+                for it in items:
+                    if isinstance(it, _Prepared):
+                        ops.extend(it.ops)
+                    else:
+                        ops.append(it)
+                self._commit(db, ops)
+                if sentinel is _FILES_DONE:
+                    break
+        finally:
+            db.close()
+            self._doneQueue.put(_STOP)
+
+    def _commit(self, db, live):
+        results = []
         lazy = not any(op.durable for op in live)
         try:
             if lazy:
@@ -307,12 +371,12 @@ class Writer:
             for i, op in enumerate(live):
                 db.execute(f"SAVEPOINT op{i}")
                 try:
-                    results[id(op)] = (True, op.apply(db))
+                    results.append((True, op.apply(db)))
                     db.execute(f"RELEASE op{i}")
                 except Exception:
                     db.execute(f"ROLLBACK TO op{i}")
                     db.execute(f"RELEASE op{i}")
-                    results[id(op)] = (False, Failure())
+                    results.append((False, Failure()))
             db.execute("COMMIT")
         except Exception:
             f = Failure()
@@ -322,24 +386,42 @@ class Writer:
             except sqlite3.Error:
                 pass
             for op in live:
-                self._failOp(op, f)
+                self._doneQueue.put((op, f))
             return
         finally:
             if lazy:
                 db.execute("PRAGMA synchronous=FULL")
-        for op in live:
-            ok, value = results[id(op)]
-            if ok and op.after is not None:
-                try:
-                    op.after(value)
-                except Exception:
-                    _log.failure("post-commit step failed", Failure())
-            if not ok and op.onFailure is not None:
-                try:
-                    op.onFailure()
-                except Exception:
-                    pass
-            self._fire(op, value, ok)
+        self._doneQueue.put((live, results))
+
+    # --- stage 3: completion ----------------------------------------------------
+
+    def _runCompletion(self):
+        while True:
+            item = self._doneQueue.get()
+            if item is _STOP:
+                return
+            target, outcome = item
+            if isinstance(target, WriteOp):
+                self._failOp(target, outcome)
+                continue
+            for op, (ok, value) in zip(target, outcome):
+                if ok and op.after is not None:
+                    try:
+                        op.after(value)
+                    except Exception:
+                        _log.failure("post-commit step failed", Failure())
+                if not ok and op.onFailure is not None:
+                    try:
+                        op.onFailure()
+                    except Exception:
+                        pass
+                self._fire(op, value, ok)
+
+    def _fire(self, op, result, ok):
+        if ok:
+            self._reactor.callFromThread(op.deferred.callback, result)
+        else:
+            self._reactor.callFromThread(op.deferred.errback, result)
 
     def _failOp(self, op, failure):
         if op.onFailure is not None:
