@@ -14,7 +14,7 @@ def test_exampleConfigLoadsAndMatchesDefaults():
     assert config.imap == default.imap
     assert config.pop3 == default.pop3
     assert config.http == default.http
-    assert config.store.plugin == "sqlite" and config.store.args == {"path": "store", "fulltext": False}
+    assert config.store.plugin == "sqlite" and config.store.args == {"path": "store", "fulltext": False, "inline_max": 131072}
     assert config.checkers[0].plugin == "directory"
     assert config.hostname == "mail.example.org"
 
