@@ -13,6 +13,9 @@ connection, interleaving the servers run by run:
 - C{SEARCH SUBJECT / FROM / BODY "zanzibar"}: one message in 1,000 matches
   (the number of hits is checked against the corpus).
 
+While the commands run, the server's memory is sampled every 250 ms (PSS
+of its whole process tree): I{peak memory} is the highest sample.
+
 No full-text index on either side: Dovecot's default (no fts plugin).
 """
 
@@ -22,7 +25,7 @@ import asyncio
 import re
 
 from bench.clients import IMAPClient, ProtocolError
-from bench.common import progress
+from bench.common import Sampler, progress
 from bench.corpus import RARE
 from bench.seed import appendMailplat, corpus, seedDovecot
 from bench.servers import DOMAIN, PASSWORD, Dovecot, Mailplat
@@ -97,10 +100,13 @@ def run(ctx):
             del messages
             cmds = commands(n)
             results = {"mailplat": ({}, {}), "dovecot": ({}, {})}
+            peaks = {"mailplat": [], "dovecot": []}
             for i in range(ctx.runs):
                 for s in ((m, d) if i % 2 == 0 else (d, m)):
                     progress(f"  {label}: run {i + 1}/{ctx.runs}: {s.name}")
-                    out, errs = asyncio.run(_measure(s.imapPort, cmds, 1, label))
+                    with Sampler(s.pids) as sampler:
+                        out, errs = asyncio.run(_measure(s.imapPort, cmds, 1, label))
+                    peaks[s.name].append(sampler.peakPss / 2**20)
                     vals, allErrs = results[s.name]
                     for k, v in out.items():
                         vals.setdefault(k, []).extend(v)
@@ -113,6 +119,9 @@ def run(ctx):
                         r.fail("imap", s.name, f"{name} ({label})", errs[name])
                     r.add("imap", f"{label}: {name}", "ms", s.name, vals.get(name, []), unit="ms", better="lower",
                           error=errs.get(name))
+            for s in (m, d):
+                r.add("imap", f"{label}: all of the above", "peak memory (PSS) MB", s.name, peaks[s.name], unit="MB",
+                      better="lower")
             r.save()
         finally:
             for s in (m, d):

@@ -310,7 +310,7 @@ def renderPlots(results, outdir) -> dict:
 
 # --- the document -------------------------------------------------------------
 
-def render(results: Results, plotDir: str, plotPrefix: str) -> str:
+def render(results: Results, plotDir: str, plotPrefix: str, others=()) -> str:
     meta = results.meta
     mach = meta.get("machine", {})
     plots = renderPlots(results, plotDir)
@@ -334,8 +334,8 @@ def render(results: Results, plotDir: str, plotPrefix: str) -> str:
          "`smtp-sink`), `dovecot-imapd`, `dovecot-pop3d`; PyPI `aiosmtpd`, `matplotlib`. Every server gets "
          "free ports and a throw-away directory (configs from `bench/peers/`), and is stopped at the end. "
          "Results go to `bench/results/quick.json` or `full.json`, this page and its plots in "
-         "`docs/benchmarks/`. Expect the full run to take 30–60 minutes, most of it seeding 100,000 "
-         "messages into mailplat over IMAP APPEND (about 100–200 per second here) and opening 5,000 "
+         "`docs/benchmarks/`. Expect the full run to take 20–40 minutes, most of it seeding 100,000 "
+         "messages into mailplat over IMAP APPEND (about 1,000 per second here) and opening 5,000 "
          "sessions on each server. The machine is shared: the load averages below say how busy it was; "
          "re-run on a quiet machine for figures to quote.", "",
          "## This run", "",
@@ -346,6 +346,10 @@ def render(results: Results, plotDir: str, plotPrefix: str) -> str:
          f"- busiest processes after: {', '.join(meta.get('busy_after', [])) or '–'}",
          *[f"- {note}" for note in meta.get("notes", [])],
          ""]
+    if others:
+        L += ["Other pages written by `bench/run --doc`, each from its own run:", ""]
+        L += [f"- [{name}]({name})" for name in others]
+        L.append("")
     if meta.get("note"):
         L += [meta["note"], ""]
     L += ["| machine | |", "|---|---|"]
@@ -399,7 +403,10 @@ def render(results: Results, plotDir: str, plotPrefix: str) -> str:
 def writeReport(results: Results, docPath: str) -> str:
     docPath = os.path.abspath(docPath)
     plotDir = os.path.join(os.path.dirname(docPath), os.path.splitext(os.path.basename(docPath))[0])
-    text = render(results, plotDir, os.path.basename(plotDir))
+    here = os.path.dirname(docPath)
+    others = sorted(n for n in os.listdir(here)
+                    if n.startswith("benchmarks") and n.endswith(".md") and n != os.path.basename(docPath))
+    text = render(results, plotDir, os.path.basename(plotDir), others)
     with open(docPath, "w") as f:
         f.write(text)
     return docPath
