@@ -1,13 +1,15 @@
 """
-Group commit for SQLite + files: one writer thread per database.
+Group commit for SQLite + files: one write pipeline per database.
 
-Write operations are queued from the reactor thread and executed by a single
-thread in batches: every operation in a batch first writes its files, then
-all those files (and the directories they were linked into) are made durable
-together, then the batch's database changes are made in one transaction and
-committed once (one WAL fsync with C{synchronous=FULL}).  Only then do the
-operations' Deferreds fire, on the reactor thread.  Under load many sessions'
-messages share one round of fsyncs; alone, a message costs what it must.
+Write operations are queued from the reactor thread and executed in batches
+by three threads in a row (L{Writer}): the files thread writes the batch's
+files and makes them (and the directories they were linked into) durable
+together; the commit thread applies every ready operation in one
+transaction and commits it once (one WAL fsync with C{synchronous=FULL});
+the completion thread runs the post-commit steps and fires the operations'
+Deferreds, on the reactor thread, in commit order.  Under load many
+sessions' messages share one round of fsyncs; alone, a message costs what
+it must.
 
 Each operation is isolated by a SAVEPOINT: one that raises is rolled back and
 fails alone, the rest of its batch commits.
@@ -131,10 +133,12 @@ def linkOrCopy(source: str, target: str) -> None:
 
 class WriteOp:
     """
-    One queued write: C{prepare()} runs first (file work; returns the paths to
-    sync and the directories to sync), then C{apply(db)} inside the batch
-    transaction, then C{after()} once committed (e.g. unlinking removed
-    files).  C{apply}'s return value is the result.
+    One queued write: C{prepare()} runs first, on the files thread (file
+    work; returns the paths to sync and the directories to sync), then
+    C{apply(db)} inside the batch transaction, on the commit thread, then
+    C{after(result)} once committed, on the completion thread (e.g.
+    unlinking removed files; it must not touch the database), before the
+    Deferred fires.  C{apply}'s return value is the result.
 
     C{durable=False} marks a change that need not be on stable storage when
     its Deferred fires (e.g. settling a delivered queue entry: losing it in a
