@@ -964,8 +964,17 @@ class POP3Server(protocol.Protocol):
     singleReadAhead = 8
 
     def _content(self, m, number=None):
+        """
+        The content of C{m}: the bytes themselves when read ahead and
+        arrived (the common case of a download, answered without a
+        Deferred), else a Deferred firing with them.
+        """
         ahead = self._prefetched.pop(number, None) if number is not None else None
-        if ahead is not None and ahead[0] == m.uid:
+        if ahead is not None and ahead[0] == m.uid and isinstance(ahead[1], bytes):
+            return ahead[1]
+        if ahead is not None and ahead[0] == m.uid and isinstance(ahead[1], _Failed):
+            d = defer.fail(ahead[1].failure)
+        elif ahead is not None and ahead[0] == m.uid:
             d = defer.Deferred()
 
             def deliver(result):
@@ -1035,13 +1044,18 @@ class POP3Server(protocol.Protocol):
         self._aheadRange = range(number, max(number, last - self.readAhead // 2))
 
         def split(result):
-            for _, uid, d in parts:
+            for k, uid, d in parts:
                 if isinstance(result, _Failed):
-                    d.callback(result)
+                    value = result
                 elif uid in result:
-                    d.callback(result[uid])
+                    value = result[uid]
                 else:
-                    d.callback(_Failed(Failure(KeyError(uid))))
+                    value = _Failed(Failure(KeyError(uid)))
+                held = self._prefetched.get(k)
+                if held is not None and held[1] is d:
+                    # Not asked for yet: keep the value itself.
+                    self._prefetched[k] = (uid, value)
+                d.callback(value)
 
         store.getContents(self.user, MAILDROP, [uid for _, uid, _ in parts]).addErrback(_Failed).addCallback(split)
 
@@ -1049,7 +1063,7 @@ class POP3Server(protocol.Protocol):
         number, m = self._number(arg)
         sequential = number == self._lastRetrieved + 1
         self._lastRetrieved = number
-        d = self._content(m, number)
+        content = self._content(m, number)
         if sequential and self.readAhead:
             self._readAheadFrom(number)
 
@@ -1064,7 +1078,9 @@ class POP3Server(protocol.Protocol):
                 return None
             return d.addCallback(lambda _: self._seen(m.uid))
 
-        return d.addCallback(send)
+        if isinstance(content, bytes):
+            return send(content)
+        return content.addCallback(send)
 
     # --- \Seen, batched ----------------------------------------------------------
 
@@ -1135,7 +1151,10 @@ class POP3Server(protocol.Protocol):
                 return None
             return self._send(wire.ok("Top of message follows"), wire.topOf(content, count), wire.encodeMessage)
 
-        return self._content(m).addCallback(send)
+        content = self._content(m)
+        if isinstance(content, bytes):
+            return send(content)
+        return content.addCallback(send)
 
     # --- DELE / RSET -------------------------------------------------------------
 
