@@ -412,8 +412,11 @@ class SQLiteStore:
     fsync of the file and of its directory, each a journal commit of the
     file system, before the WAL's).  Bigger messages get a file each, as
     do all with C{inlineMax=0}.  Measured on this store alone (2 cores,
-    10 concurrent sessions of appends, flag changes and expunges, 4 KB
-    messages): see docs/reliability.md.
+    shared; 10 concurrent loops of appends, flag changes and expunges of
+    4 KB messages for 5 s): appends took 5.7 ms at the median instead of
+    7.3 with a file each, 1,758 operations/s instead of 1,372; over IMAP,
+    seeding a mailbox by APPEND from 8 connections went from 100-200 to
+    950-1,075 messages/s (bench/run's seeding figures).
     """
 
     #: Messages up to this many octets are kept in the index database by
