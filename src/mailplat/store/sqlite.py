@@ -413,8 +413,9 @@ class SQLiteStore:
     file system, before the WAL's).  Bigger messages get a file each, as
     do all with C{inlineMax=0}.  Measured on this store alone (2 cores,
     shared; 10 concurrent loops of appends, flag changes and expunges of
-    4 KB messages for 5 s): appends took 5.7 ms at the median instead of
-    7.3 with a file each, 1,758 operations/s instead of 1,372; over IMAP,
+    4 KB messages for 5 s, same write pipeline): appends took 6.1-6.2 ms
+    at the median instead of 10.2-11.6 with a file each, 1,623-1,639
+    operations/s instead of 1,148-1,337; over IMAP,
     seeding a mailbox by APPEND from 8 connections went from 100-200 to
     950-1,075 messages/s (bench/run's seeding figures).
     """
