@@ -3,11 +3,11 @@
 import socket
 
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial import unittest
 
-from mailplat.net import writeNow
+from mailplat.net import IdleTimer, writeNow
 
 
 class Keep(protocol.Protocol):
@@ -102,3 +102,45 @@ class WriteNowTests(unittest.TestCase):
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
         writeNow(server.transport, b"* 1 EXISTS\r\n")
         self.assertNotEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+
+
+class IdleTimerTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.fired = []
+
+    def timer(self, timeout):
+        return IdleTimer(self.clock, timeout, lambda: self.fired.append(self.clock.seconds()))
+
+    def test_expiresAfterTheTimeoutWithoutATouch(self):
+        t = self.timer(30)
+        t.touch()
+        self.clock.advance(29.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [30])
+
+    def test_touchStartsTheCountdownAgain(self):
+        t = self.timer(30)
+        t.touch()
+        self.clock.advance(20)
+        t.touch()
+        self.clock.advance(20)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [50])
+        t.touch()  # after expiry: a new countdown
+        self.clock.advance(30)
+        self.assertEqual(self.fired, [50, 80])
+
+    def test_cancelAndZero(self):
+        t = self.timer(30)
+        t.touch()
+        t.cancel()
+        t.cancel()
+        self.clock.advance(100)
+        never = self.timer(0)
+        never.touch()
+        self.clock.advance(10**6)
+        self.assertEqual(self.fired, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -49,3 +49,39 @@ def writeNow(transport, data: bytes) -> None:
         transport.write(data)  # the reactor sees the error on its own turn
     elif sent < len(data):
         t.write(data[sent:])
+
+
+class IdleTimer:
+    """
+    The idle timeout of one session: C{expired()} is called once C{timeout}
+    seconds pass on C{clock} (the injected reactor) without a L{touch}.  A
+    timeout of 0 or None never expires.  What expiry means (a reply, an
+    exception for a command still running) is the session's business.
+    """
+
+    __slots__ = ("_clock", "_timeout", "_expired", "_call")
+
+    def __init__(self, clock, timeout, expired):
+        self._clock = clock
+        self._timeout = timeout
+        self._expired = expired
+        self._call = None
+
+    def touch(self) -> None:
+        """Start, or start again, the countdown."""
+        if not self._timeout:
+            return
+        call = self._call
+        if call is not None and call.active():
+            call.reset(self._timeout)
+        else:
+            self._call = self._clock.callLater(self._timeout, self._fire)
+
+    def cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self):
+        self._call = None
+        self._expired()

@@ -86,7 +86,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat import tls
-from mailplat.net import writeNow
+from mailplat.net import IdleTimer, writeNow
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.imap import fetch as fetchmod
 from mailplat.imap import search as searchmod
@@ -260,7 +260,7 @@ class IMAPServerProtocol(Protocol):
         self._closed = False
         self._paused = False
         self._tls = False
-        self._timer = None
+        self._idle = IdleTimer(self._reactor, factory.idleTimeout, self._timedOut)
         self._user = None
         self._avatarLogout = None
         self._removeListener = None
@@ -351,9 +351,7 @@ class IMAPServerProtocol(Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._idle.cancel()
         self._endLogin()
         self._resumeWrites()
         if self._lineWaiter is not None:
@@ -385,16 +383,10 @@ class IMAPServerProtocol(Protocol):
             self.transport.loseConnection()
 
     def _resetTimer(self):
-        timeout = self.factory.idleTimeout
-        if not timeout or self._closed:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self._reactor.callLater(timeout, self._timedOut)
+        if not self._closed:
+            self._idle.touch()
 
     def _timedOut(self):
-        self._timer = None
         if self._closed:
             return
         if self._busy and self._lineWaiter is None and not self._idling:

@@ -102,7 +102,7 @@ from zope.interface import implementer
 
 import mailplat
 from mailplat import tls
-from mailplat.net import writeNow
+from mailplat.net import IdleTimer, writeNow
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import IBatchReadStore, StoreError, TemporaryStoreFailure
@@ -335,7 +335,7 @@ class POP3Server(protocol.Protocol):
         self._readPaused = False
         self._closing = False
         self._connected = False
-        self._timeoutCall = None
+        self._idle = IdleTimer(self._reactor, factory.idleTimeout, self._timedOut)
         self._delayCall = None
         self._streamer = None
         self._userName = None  # from USER, waiting for PASS
@@ -382,9 +382,7 @@ class POP3Server(protocol.Protocol):
             return
         self._connected = False
         self._closing = True
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.cancel()
-        self._timeoutCall = None
+        self._idle.cancel()
         if self._delayCall is not None and self._delayCall.active():
             self._delayCall.cancel()
         self._delayCall = None
@@ -427,16 +425,10 @@ class POP3Server(protocol.Protocol):
     # --- idle timeout -----------------------------------------------------
 
     def _resetTimeout(self):
-        timeout = self.factory.idleTimeout
-        if not timeout or self._closing:
-            return
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.reset(timeout)
-        else:
-            self._timeoutCall = self._reactor.callLater(timeout, self._timedOut)
+        if not self._closing:
+            self._idle.touch()
 
     def _timedOut(self):
-        self._timeoutCall = None
         # RFC 1939 section 3: autologout closes without a response and
         # without entering the UPDATE state.
         _log.info("POP3 session of {user} timed out", user=self.user)

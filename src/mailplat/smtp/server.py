@@ -89,7 +89,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from mailplat.log import observer as logObserver
-from mailplat.net import writeNow
+from mailplat.net import IdleTimer, writeNow
 from twisted.python.failure import Failure
 
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLAuthenticationFailed, SASLError
@@ -249,7 +249,7 @@ class SMTPServer(Protocol):
         self._errors = 0
         self._authFailures = 0
         self._sasl = None
-        self._idleCall = None
+        self._idle = None
         self._delayedCall = None
         self._txn = None
         self._decoder = None
@@ -352,16 +352,13 @@ class SMTPServer(Protocol):
         self.transport.loseConnection()
 
     def _touch(self):
-        timeout = self.factory.idleTimeout
-        if not timeout or self._closed:
+        if self._closed:
             return
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.reset(timeout)
-        else:
-            self._idleCall = self._reactor.callLater(timeout, self._idleTimedOut)
+        if self._idle is None:
+            self._idle = IdleTimer(self._reactor, self.factory.idleTimeout, self._idleTimedOut)
+        self._idle.touch()
 
     def _idleTimedOut(self):
-        self._idleCall = None
         if self._closed:
             return
         _log.info("SMTP {session}: idle timeout for {client}", session=self.sessionId, client=self._clientAddress())
@@ -428,10 +425,11 @@ class SMTPServer(Protocol):
     def connectionLost(self, reason=None):
         wasClosed = self._closed
         self._closed = True
-        for call in (self._idleCall, self._delayedCall):
-            if call is not None and call.active():
-                call.cancel()
-        self._idleCall = self._delayedCall = None
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._delayedCall is not None and self._delayedCall.active():
+            self._delayedCall.cancel()
+        self._delayedCall = None
         self._abortData()
         self._dropAuth()
         self._disconnectHooks()
