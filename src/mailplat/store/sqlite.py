@@ -1,14 +1,18 @@
 """
-The embedded store: SQLite (WAL) for the index, one file per message.
+The embedded store: SQLite (WAL) for the index and for small messages, a
+file for each larger one.
 
 Layout under the store directory::
 
     index.sqlite            accounts, mailboxes, messages (flags, MODSEQ,
-                            internal date, size, cached structure)
-    messages/AB/ABCDEF...   message content, named by a random ID, never by
-                            a mailbox name; copies are hard links
+                            internal date, size, cached structure), the
+                            search index, and the content of messages up
+                            to C{inlineMax} octets (table C{blobs})
+    messages/AB/ABCDEF...   the content of each larger message, named by a
+                            random ID, never by a mailbox name; copies are
+                            hard links
 
-Writes go through a L{Writer} thread with group commit (see
+Writes go through the write pipeline with group commit (see
 L{mailplat.store.writer}); reads run in the reactor's thread pool with one
 connection per thread.  Nothing here blocks the reactor.
 """
@@ -1265,7 +1269,7 @@ class SQLiteStore:
 @implementer(IPlugin, IStoreFactory)
 class SQLiteStoreFactory:
     name = "sqlite"
-    description = "SQLite index (WAL) and one file per message, under the data directory (the embedded default)."
+    description = "SQLite index (WAL) holding messages up to 128 KB, a file for each larger one, under the data directory (the embedded default)."
 
     def build(self, args, context):
         """
