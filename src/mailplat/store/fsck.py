@@ -162,16 +162,22 @@ def _young(path, now, grace):
         return True
 
 
-def _moveToLostAndFound(directory, source, rel):
-    """Move C{source} into C{directory}/lost+found, keeping its name unique; the new path."""
+def _lostAndFoundPath(directory, base):
+    """A path in C{directory}/lost+found (created) named C{base}, or C{base.N} when taken."""
     lost = os.path.join(directory, LOST_AND_FOUND)
     os.makedirs(lost, exist_ok=True)
-    base = rel.replace(os.sep, "_")
     target = os.path.join(lost, base)
     n = 1
     while os.path.exists(target):
         target = os.path.join(lost, f"{base}.{n}")
         n += 1
+    return target
+
+
+def _moveToLostAndFound(directory, source, rel):
+    """Move C{source} into C{directory}/lost+found, keeping its name unique; the new path."""
+    target = _lostAndFoundPath(directory, rel.replace(os.sep, "_"))
+    lost = os.path.dirname(target)
     os.rename(source, target)
     _syncDir(lost)
     _syncDir(os.path.dirname(source))
@@ -222,21 +228,8 @@ def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: flo
         for mid, uid, rel, where in missing:
             _repairMissing(db, report, messagesDir, repair, mid, uid, rel, where)
 
-        for rel in files:
-            if rel in named:
-                continue
-            path = os.path.join(messagesDir, rel)
-            if _young(path, now, grace):
-                continue
-            # Named since the first look (a delivery committed meanwhile)?
-            if db.execute("SELECT 1 FROM messages WHERE file=? LIMIT 1", (rel,)).fetchone():
-                continue
-            if repair:
-                target = _moveToLostAndFound(directory, path, rel)
-                action = f"moved to {os.path.relpath(target, directory)}"
-            else:
-                action = "kept (check only)"
-            report.add("orphan-file", f"messages/{rel} is named by no message", action)
+        _orphanFiles(db, report, directory, messagesDir, files, named, repair, now, grace,
+                     "SELECT 1 FROM messages WHERE file=? LIMIT 1", "orphan-file", "message")
 
         for blob in blobs:
             if f":{blob}" not in named:
@@ -244,6 +237,25 @@ def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: flo
     finally:
         db.close()
     return report
+
+
+def _orphanFiles(db, report, directory, messagesDir, files, named, repair, now, grace, namedSQL, kind, what):
+    """Files no row names (checked again with C{namedSQL}), old enough: moved to lost+found."""
+    for rel in files:
+        if rel in named:
+            continue
+        path = os.path.join(messagesDir, rel)
+        if _young(path, now, grace):
+            continue
+        # Named since the first look (a delivery committed meanwhile)?
+        if db.execute(namedSQL, (rel,)).fetchone():
+            continue
+        if repair:
+            target = _moveToLostAndFound(directory, path, rel)
+            action = f"moved to {os.path.relpath(target, directory)}"
+        else:
+            action = "kept (check only)"
+        report.add(kind, f"messages/{rel} is named by no {what}", action)
 
 
 def _orphanBlob(db, report, directory, repair, blob):
@@ -260,18 +272,12 @@ def _orphanBlob(db, report, directory, repair, blob):
         if row is None or db.execute("SELECT 1 FROM messages WHERE file=? LIMIT 1", (rel,)).fetchone():
             db.execute("ROLLBACK")
             return
-        lost = os.path.join(directory, LOST_AND_FOUND)
-        os.makedirs(lost, exist_ok=True)
-        target = os.path.join(lost, f"blob-{blob}")
-        n = 1
-        while os.path.exists(target):
-            target = os.path.join(lost, f"blob-{blob}.{n}")
-            n += 1
+        target = _lostAndFoundPath(directory, f"blob-{blob}")
         with open(target, "xb") as f:
             f.write(row[0])
             f.flush()
             os.fsync(f.fileno())
-        _syncDir(lost)
+        _syncDir(os.path.dirname(target))
         db.execute("DELETE FROM blobs WHERE id=?", (blob,))
         db.execute("COMMIT")
     except BaseException:
@@ -351,20 +357,8 @@ def checkQueue(directory: str, repair: bool = True, grace: float = 0.0, now: flo
             if not gone:
                 report.add("queue-missing-file", detail, "removed the entry (tell its sender)")
 
-        for rel in files:
-            if rel in ids:
-                continue
-            path = os.path.join(messagesDir, rel)
-            if _young(path, now, grace):
-                continue
-            if db.execute("SELECT 1 FROM entries WHERE id=?", (rel,)).fetchone():
-                continue
-            if repair:
-                target = _moveToLostAndFound(directory, path, rel)
-                action = f"moved to {os.path.relpath(target, directory)}"
-            else:
-                action = "kept (check only)"
-            report.add("queue-orphan-file", f"messages/{rel} is named by no queue entry", action)
+        _orphanFiles(db, report, directory, messagesDir, files, ids, repair, now, grace,
+                     "SELECT 1 FROM entries WHERE id=?", "queue-orphan-file", "queue entry")
     finally:
         db.close()
     return report
