@@ -185,6 +185,8 @@ def test_sequence_sets():
     assert seqset(b"50:*").select([3, 10, 20], 20) == [20]
     assert seqset(b"4:15").select([3, 10, 20], 20) == [10]
     assert seqset(b"1:*").select(range(1, 4), 3) == [1, 2, 3]
+    # Overlapping and unordered ranges: each member once, ascending.
+    assert seqset(b"15:4,3:10,20").select([3, 10, 20, 30], 30) == [3, 10, 20]
     for bad in (b"0", b"1:", b"1,,2", b":3", b"a"):
         assert isinstance(one(b"a FETCH " + bad + b" FLAGS\r\n"), BadCommand)
 

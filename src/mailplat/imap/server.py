@@ -1145,6 +1145,12 @@ class IMAPServerProtocol(Protocol):
             return out
         if uid:
             uids = seqset.select(sel.uids, sel.uids[-1] if sel.uids else 0)
+            if uids:
+                # A run of consecutive messages (1:*, the common case) needs
+                # no search per UID: its sequence numbers are consecutive too.
+                first = sel.seqOf(uids[0])
+                if sel.uids[first - 1:first - 1 + len(uids)] == uids:
+                    return list(zip(range(first, first + len(uids)), uids))
             return [(sel.seqOf(u), u) for u in uids]
         count = len(sel.uids)
         for lo, hi in seqset.ranges:
@@ -1279,6 +1285,12 @@ class IMAPServerProtocol(Protocol):
         parts = []
         for att in plan.atts:
             parts.append(att.name)
+        # One template per command (e.g. b"* %d FETCH (FLAGS %s UID %d)"),
+        # filled per message.
+        formats = {"FLAGS": b"FLAGS %s", "UID": b"UID %d", "RFC822.SIZE": b"RFC822.SIZE %d",
+                   "INTERNALDATE": b"INTERNALDATE %s", "MODSEQ": b"MODSEQ (%d)"}
+        parts = [name for name in parts if name in formats]
+        template = b"* %d FETCH (" + b" ".join(formats[name] for name in parts) + b")\r\n"
         out = []
         missing = False
         known = sel.known
@@ -1289,19 +1301,19 @@ class IMAPServerProtocol(Protocol):
                 if not changedOnly:
                     missing = True
                 continue
-            items = []
+            values = [seq]
             for name in parts:
                 if name == "FLAGS":
-                    items.append(b"FLAGS " + flagBytes(sel, uid, meta.flags))
+                    values.append(flagBytes(sel, uid, meta.flags))
                 elif name == "UID":
-                    items.append(b"UID %d" % uid)
+                    values.append(uid)
                 elif name == "RFC822.SIZE":
-                    items.append(b"RFC822.SIZE %d" % meta.size)
+                    values.append(meta.size)
                 elif name == "INTERNALDATE":
-                    items.append(b"INTERNALDATE " + wire.formatDateTime(meta.internalDate))
-                elif name == "MODSEQ":
-                    items.append(b"MODSEQ (%d)" % meta.modseq)
-            out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
+                    values.append(wire.formatDateTime(meta.internalDate))
+                else:
+                    values.append(meta.modseq)
+            out.append(template % tuple(values))
             if plan.wantsFlags:
                 k = known.get(uid)
                 # An equal MODSEQ is the same state: nothing to record.

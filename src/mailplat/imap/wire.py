@@ -149,6 +149,8 @@ class SequenceSet:
                 lo, hi = hi, lo
             i = bisect.bisect_left(values, lo)
             j = bisect.bisect_right(values, hi)
+            if len(self.ranges) == 1:
+                return list(values[i:j])  # already ascending and distinct
             out.update(values[i:j])
         return sorted(out)
 
