@@ -66,6 +66,21 @@ class WriterTests(unittest.TestCase):
         self.assertEqual(seen, [("after", result)])
 
     @defer.inlineCallbacks
+    def test_resultsFireInCommitOrderAcrossSlowAfterSteps(self):
+        gate = threading.Event()
+        order = []
+        first = self.insert("first", after=lambda r: gate.wait(10))
+        first.addCallback(lambda r: order.append("first"))
+        yield deferLater(reactor, 0.05, lambda: None)  # committed, its after() held
+        second = self.insert("second")
+        second.addCallback(lambda r: order.append("second"))
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(order, [], "nothing fires ahead of an earlier commit")
+        gate.set()
+        yield defer.gatherResults([first, second])
+        self.assertEqual(order, ["first", "second"])
+
+    @defer.inlineCallbacks
     def test_failingOperationFailsAloneAndIsRolledBack(self):
         def bad(db):
             db.execute("INSERT INTO log (what) VALUES ('doomed')")
