@@ -215,6 +215,8 @@ class _Selected:
     flagChanges: dict = field(default_factory=dict)  # uid -> FlagChange from events
     recentWon: set = field(default_factory=set)  # \Recent claimed for this session, not yet announced
     gone: bool = False  # deleted by another session
+    highest: int = 0  # the highest MODSEQ this session has taken in
+    resync: bool = False  # another process changed the mailbox: read back what
     saved: list = field(default_factory=list)  # SEARCHRES: the UIDs of $
 
     def seqOf(self, uid: int):
@@ -807,6 +809,7 @@ class IMAPServerProtocol(Protocol):
             modseqs = [m.modseq for m in metas]
             recentUids = None
         sel = _Selected(info.name, readOnly, info.uidvalidity)
+        sel.highest = info.highestModseq
         self._selected = sel
         if readOnly:
             recentCount = info.recent
@@ -1623,14 +1626,21 @@ class IMAPServerProtocol(Protocol):
             sel.pendingAppend.update(event.uids)
             for m in event.metas:
                 sel.appendMetas[m.uid] = m
+            self._sawModseqs(sel, [m.modseq for m in event.metas])
             if not sel.readOnly:
                 sel.recentWon.update(self.factory.claimRecent(event.user, event.mailbox, event.uids))
         elif kind == "flags":
             sel.pendingFlags.update(event.uids)
             for c in event.changes:
                 sel.flagChanges[c.uid] = c
+            self._sawModseqs(sel, [c.modseq for c in event.changes])
+        elif kind == "changed":
+            if event.modseq <= sel.highest:
+                return
+            sel.resync = True
         elif kind == "expunge":
             sel.pendingExpunge.update(event.uids)
+            self._sawModseqs(sel, [event.modseq] if event.modseq else [])
         elif kind == "delete":
             sel.gone = True
         elif kind == "rename" and event.newName:
@@ -1641,6 +1651,50 @@ class IMAPServerProtocol(Protocol):
             return
         if self._idling:
             self._scheduleFlush()
+
+    @staticmethod
+    def _sawModseqs(sel, modseqs):
+        """
+        Take in the MODSEQs an event reports: C{sel.highest} moves only
+        over an unbroken run, and a gap (a change made where this process
+        did not see it) calls for reading the mailbox back.
+        """
+        for modseq in sorted(modseqs):
+            if modseq == sel.highest + 1:
+                sel.highest = modseq
+            elif modseq > sel.highest + 1:
+                sel.resync = True
+
+    async def _resync(self, sel):
+        """
+        Read back what another process changed in the selected mailbox
+        since MODSEQ C{sel.highest} (a C{"changed"} event): new messages,
+        flag changes and expunges become pending as if their events had
+        come.
+        """
+        sel.resync = False
+        store = self.factory.store
+        since = sel.highest
+        info = await store.getMailbox(self._user, sel.name)
+        metas = await store.fetchMeta(self._user, sel.name, None, changedSince=since)
+        gone = await store.vanishedSince(self._user, sel.name, since) if IVanishedStore.providedBy(store) else []
+        if sel is not self._selected:
+            return
+        top = sel.uids[-1] if sel.uids else 0
+        new = []
+        sel.highest = max(sel.highest, info.highestModseq)
+        for m in metas:
+            sel.highest = max(sel.highest, m.modseq)
+            if m.uid > top:
+                new.append(m.uid)
+                sel.appendMetas[m.uid] = m
+            elif m.uid in sel.known:
+                sel.pendingFlags.add(m.uid)
+        if new:
+            sel.pendingAppend.update(new)
+            if not sel.readOnly:
+                sel.recentWon.update(self.factory.claimRecent(self._user, sel.name, new))
+        sel.pendingExpunge.update(u for u in gone if u in sel.known)
 
     def _sendExpunges(self, uids):
         sel = self._selected
@@ -1678,6 +1732,10 @@ class IMAPServerProtocol(Protocol):
             self._close()
             return
         store = self.factory.store
+        if sel.resync:
+            await self._resync(sel)
+            if sel is not self._selected:
+                return
         dead = set(sel.pendingExpunge)
         if allowExpunge and sel.pendingExpunge:
             self._sendExpunges(list(sel.pendingExpunge))

@@ -317,7 +317,8 @@ class IMessageStore(Interface):
         Register C{listener}, a callable taking one L{MailboxEvent}, to be called
         on the reactor thread after every committed change to any mailbox of
         C{user}.  Returns a callable that removes the listener.  (Synchronous:
-        returns immediately.)
+        returns immediately.)  A store that other processes write too SHOULD
+        report their changes within a few seconds, as C{"changed"} events.
         """
 
 
@@ -333,6 +334,13 @@ class MailboxEvent:
     L{MessageMeta} (without structure) of appended messages; C{changes},
     the L{FlagChange}s of a C{"flags"} event; C{newName}, the new name of a
     renamed mailbox.  Listeners MUST cope with them being empty.
+
+    C{kind} C{"changed"} says only that the mailbox now has HIGHESTMODSEQ
+    C{modseq}: a store whose files another process also writes sends it
+    when it notices that process's changes (it cannot say which they
+    were).  A listener that knows the mailbox up to a lower MODSEQ reads
+    the changes back (C{fetchMeta(changedSince=...)}, C{vanishedSince});
+    one that is up to date ignores it.
     """
 
     user: str
@@ -342,6 +350,7 @@ class MailboxEvent:
     metas: tuple = field(default=(), compare=False)
     changes: tuple = field(default=(), compare=False)
     newName: Optional[str] = None
+    modseq: int = 0
 
 
 @dataclass(frozen=True)

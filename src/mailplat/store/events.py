@@ -27,6 +27,10 @@ class Listeners:
 
         return remove
 
+    def users(self) -> list:
+        """The accounts that have listeners now."""
+        return [user for user, listeners in self._byUser.items() if listeners]
+
     def emit(self, event):
         for listener in list(self._byUser.get(event.user, ())):
             try:

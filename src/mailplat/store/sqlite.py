@@ -28,6 +28,7 @@ import threading
 import time
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -55,10 +56,13 @@ from mailplat.interfaces.storage import (
     NoSuchMailbox,
     validateMailboxName,
 )
+from mailplat.log import observer as logObserver
 from mailplat.store.events import Listeners
-from mailplat.store.writer import Database, WriteOp, linkOrCopy, writeFile
+from mailplat.store.writer import Database, WriteOp, connect, linkOrCopy, writeFile
 from mailplat.plugins import dataPathArgument
 from mailplat.testing import applyFlags, normaliseFlags
+
+_log = Logger(observer=logObserver)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -441,6 +445,12 @@ class SQLiteStore:
             self._dbPath, SCHEMA + (FTS_SCHEMA if self._fts else NO_FTS_SCHEMA), reactor, "mailplat-store-writer"
         )
         self._listeners = Listeners()
+        self._pollCall = None
+        self._opened = False
+        self._pollDb = None
+        self._dataVersion = None
+        self._polledUsers: frozenset = frozenset()
+        self._mailboxStates: dict = {}  # (user, mailbox) -> (uidnext, highestmodseq) last reported
         self._selectCache: dict = {}  # mailbox id -> ((uidvalidity, uidnext, highestmodseq), data)
         self._uidvalidityLock = threading.Lock()
         self._lastUidvalidity = 0
@@ -450,8 +460,10 @@ class SQLiteStore:
     def open(self):
         os.makedirs(self._messagesDir, exist_ok=True)
         self._db.start()
+        self._opened = True
         d = self._write(self._syncFulltext)
         self._backfillIndex()
+        self._schedulePoll()
         return d.addCallback(lambda _: None)
 
     def _syncFulltext(self, db):
@@ -496,7 +508,74 @@ class SQLiteStore:
         self._write(apply).addCallbacks(again, lambda f: None)
 
     def close(self):
+        self._opened = False
+        if self._pollCall is not None and self._pollCall.active():
+            self._pollCall.cancel()
+        self._pollCall = None
         return self._db.stop()
+
+    # --- changes made by other processes ------------------------------------
+
+    #: Seconds between looks for changes that other processes made to this
+    #: store's files (0: never look).  Each look is one C{PRAGMA
+    #: data_version}; only when it moved are the mailboxes of the accounts
+    #: with listeners read.
+    changePollInterval = 1.0
+
+    def _schedulePoll(self):
+        if self.changePollInterval and self._pollCall is None and self._opened:
+            self._pollCall = self._reactor.callLater(self.changePollInterval, self._pollChanges)
+
+    def _pollChanges(self):
+        self._pollCall = None
+        users = self._listeners.users()
+        if not users:
+            self._mailboxStates.clear()
+            self._polledUsers = frozenset()
+            self._schedulePoll()
+            return None
+        from twisted.internet.threads import deferToThreadPool
+
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._mailboxRows, users)
+        d.addCallbacks(self._reportChanges, lambda f: _log.failure("looking for other processes' changes failed", f))
+        d.addBoth(lambda _: self._schedulePoll())
+        return d
+
+    def _mailboxRows(self, users):
+        """(In a pool thread, one look at a time.)  The mailbox rows of C{users}, or None if nothing moved."""
+        if self._pollDb is None:
+            self._pollDb = connect(self._dbPath)
+        db = self._pollDb
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        wanted = frozenset(users)
+        if version == self._dataVersion and wanted <= self._polledUsers:
+            return None
+        self._dataVersion = version
+        self._polledUsers = wanted
+        users = sorted(wanted)
+        rows = []
+        db.execute("BEGIN")
+        try:
+            for i in range(0, len(users), 500):
+                chunk = users[i:i + 500]
+                rows += db.execute(
+                    f"SELECT user, name, uidnext, highestmodseq FROM mailboxes WHERE user IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return rows
+
+    def _reportChanges(self, rows):
+        """A C{"changed"} event for every mailbox whose UIDNEXT or HIGHESTMODSEQ moved since the last look."""
+        if rows is None:
+            return
+        before, now = self._mailboxStates, {}
+        for user, name, uidnext, highest in rows:
+            now[(user, name)] = (uidnext, highest)
+            if before.get((user, name)) != (uidnext, highest):
+                self._listeners.emit(MailboxEvent(user, name, "changed", modseq=highest))
+        self._mailboxStates = now
 
     def _readDb(self) -> sqlite3.Connection:
         return self._db.connection()
@@ -1022,12 +1101,15 @@ class SQLiteStore:
             if rows:
                 db.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (highest + 1, mid))
             state["files"] = [r[1] for r in rows]
+            state["modseq"] = highest + 1
             return [r[0] for r in rows]
 
         return self._write(
             apply,
             after=lambda r: self._unlinkAll(state["files"]),
-            events=lambda gone: [MailboxEvent(user, state["canon"], "expunge", tuple(gone))] if gone else [],
+            events=lambda gone: (
+                [MailboxEvent(user, state["canon"], "expunge", tuple(gone), modseq=state["modseq"])] if gone else []
+            ),
         )
 
     def copy(self, user, mailbox, uids, destination, move=False):
@@ -1097,6 +1179,7 @@ class SQLiteStore:
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, highest, dst[0]))
             if move and mapping:
                 db.execute("UPDATE mailboxes SET highestmodseq=highestmodseq+1 WHERE id=?", (src[0],))
+            state["srcModseq"] = srcModseq
             state["unused"] = list(linked.values())
             state["removed"] = removed
             state["metas"] = tuple(metas)
@@ -1115,7 +1198,8 @@ class SQLiteStore:
                 return []
             out = [MailboxEvent(user, state["dst"], "append", tuple(n for _, n in mapping), metas=state["metas"])]
             if move:
-                out.append(MailboxEvent(user, state["src"], "expunge", tuple(u for u, _ in mapping)))
+                out.append(MailboxEvent(user, state["src"], "expunge", tuple(u for u, _ in mapping),
+                                        modseq=state["srcModseq"]))
             return out
 
         return self._write(apply, prepare, after, onFailure, events)

@@ -1,0 +1,131 @@
+"""
+Changes made through one SQLiteStore are noticed by another one on the same
+files (as when mailplat-smtp delivers and mailplat-imap serves the mailbox):
+the store reports them as "changed" events and IMAP sessions read them back.
+"""
+
+import os
+import re
+
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from mailplat.imap.server import IMAPFactory
+from mailplat.store.sqlite import SQLiteStore
+from mailplat.testing import memoryPortal
+
+USER = "alice@example.org"
+
+
+def message(n):
+    return f"From: bob@example.org\r\nSubject: message {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+class TwoStores(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        self.writer = SQLiteStore(directory, reactor)  # "the other process"
+        self.writer.changePollInterval = 0
+        yield self.writer.open()
+        yield self.writer.createAccount(USER)
+        for n in (1, 2, 3):
+            yield self.writer.append(USER, "INBOX", message(n))
+        self.reader = SQLiteStore(directory, reactor)
+        self.reader.changePollInterval = 0.05
+        yield self.reader.open()
+        self.addCleanup(self.reader.close)
+        self.addCleanup(self.writer.close)
+
+    written = None
+
+    @defer.inlineCallbacks
+    def until(self, condition, what, seconds=5.0):
+        for _ in range(int(seconds / 0.02)):
+            if condition():
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"not within {seconds}s: {what}" + (f"; written: {self.written()!r}" if self.written else ""))
+
+    @defer.inlineCallbacks
+    def test_storeReportsAnotherWritersChanges(self):
+        events = []
+        self.reader.addListener(USER, events.append)
+        yield self.until(lambda: events, "the first look reports the mailboxes")
+        del events[:]
+        yield self.writer.append(USER, "INBOX", message(4))
+        yield self.until(lambda: any(e.mailbox == "INBOX" for e in events), "a changed event for INBOX")
+        [event] = [e for e in events if e.mailbox == "INBOX"]
+        info = yield self.writer.getMailbox(USER, "INBOX")
+        self.assertEqual((event.kind, event.modseq), ("changed", info.highestModseq))
+        del events[:]
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(events, [], "nothing more while nothing changes")
+
+    @defer.inlineCallbacks
+    def test_imapSessionSeesAnotherProcessesChanges(self):
+        factory = IMAPFactory(hostname="imap.example.org", portal=memoryPortal({USER: "pw"}),
+                              store=self.reader, reactor=reactor)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
+                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        proto.makeConnection(transport)
+        self.addCleanup(proto.connectionLost, None)
+        self.written = transport.value
+
+        @defer.inlineCallbacks
+        def command(line, tag):
+            transport.clear()
+            proto.dataReceived(line)
+            yield self.until(lambda: re.search(tag + rb" (OK|NO|BAD)", transport.value()), line)
+            return transport.value()
+
+        yield command(b"a LOGIN alice@example.org pw\r\n", b"a")
+        out = yield command(b"b SELECT INBOX\r\n", b"b")
+        self.assertIn(b"* 3 EXISTS", out)
+        transport.clear()
+        proto.dataReceived(b"c IDLE\r\n")
+        yield self.until(lambda: b"+ idling" in transport.value(), "IDLE started")
+
+        yield self.writer.append(USER, "INBOX", message(4))
+        yield self.until(lambda: b"* 4 EXISTS" in transport.value(), "the new message announced in IDLE")
+        yield self.writer.storeFlags(USER, "INBOX", [2], "add", ["\\Seen"])
+        yield self.until(lambda: re.search(rb"\* 2 FETCH \(FLAGS \([^)]*\\Seen", transport.value()),
+                         "the flag change announced")
+        yield self.writer.storeFlags(USER, "INBOX", [1], "add", ["\\Deleted"])
+        yield self.writer.expunge(USER, "INBOX")
+        yield self.until(lambda: b"* 1 EXPUNGE" in transport.value(), "the expunge announced")
+        out = yield command(b"DONE\r\n", b"c")
+        out = yield command(b"d FETCH 1:* (UID FLAGS)\r\n", b"d")
+        self.assertEqual(re.findall(rb"\* (\d+) FETCH \(UID (\d+)", out), [(b"1", b"2"), (b"2", b"3"), (b"3", b"4")])
+
+    @defer.inlineCallbacks
+    def test_gapInOwnEventsReadsTheMailboxBack(self):
+        # No looking for other processes' changes: a change of this process
+        # whose MODSEQ skips one reveals that another process changed the
+        # mailbox meanwhile.
+        self.reader.changePollInterval = 0
+        if self.reader._pollCall is not None:
+            self.reader._pollCall.cancel()
+            self.reader._pollCall = None
+        factory = IMAPFactory(hostname="imap.example.org", portal=memoryPortal({USER: "pw"}),
+                              store=self.reader, reactor=reactor)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
+                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        proto.makeConnection(transport)
+        self.addCleanup(proto.connectionLost, None)
+        self.written = transport.value
+        proto.dataReceived(b"a LOGIN alice@example.org pw\r\nb SELECT INBOX\r\n")
+        yield self.until(lambda: b"b OK" in transport.value(), "SELECT")
+        yield self.writer.storeFlags(USER, "INBOX", [2], "add", ["\\Flagged"])  # the other process
+        yield self.reader.storeFlags(USER, "INBOX", [3], "add", ["\\Seen"])  # this one
+        transport.clear()
+        proto.dataReceived(b"c NOOP\r\n")
+        yield self.until(lambda: b"c OK" in transport.value(), "NOOP")
+        out = transport.value()
+        self.assertRegex(out, rb"\* 3 FETCH \(FLAGS \([^)]*\\Seen")
+        self.assertRegex(out, rb"\* 2 FETCH \(FLAGS \([^)]*\\Flagged")
