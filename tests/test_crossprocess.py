@@ -42,6 +42,18 @@ class TwoStores(unittest.TestCase):
 
     written = None
 
+    def session(self):
+        """An IMAP session on the reading store, over a StringTransport."""
+        factory = IMAPFactory(hostname="imap.example.org", portal=memoryPortal({USER: "pw"}),
+                              store=self.reader, reactor=reactor)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
+                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        proto.makeConnection(transport)
+        self.addCleanup(proto.connectionLost, None)
+        self.written = transport.value
+        return proto, transport
+
     @defer.inlineCallbacks
     def until(self, condition, what, seconds=5.0):
         for _ in range(int(seconds / 0.02)):
@@ -67,14 +79,7 @@ class TwoStores(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_imapSessionSeesAnotherProcessesChanges(self):
-        factory = IMAPFactory(hostname="imap.example.org", portal=memoryPortal({USER: "pw"}),
-                              store=self.reader, reactor=reactor)
-        proto = factory.buildProtocol(None)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
-                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
-        proto.makeConnection(transport)
-        self.addCleanup(proto.connectionLost, None)
-        self.written = transport.value
+        proto, transport = self.session()
 
         @defer.inlineCallbacks
         def command(line, tag):
@@ -111,14 +116,7 @@ class TwoStores(unittest.TestCase):
         if self.reader._pollCall is not None:
             self.reader._pollCall.cancel()
             self.reader._pollCall = None
-        factory = IMAPFactory(hostname="imap.example.org", portal=memoryPortal({USER: "pw"}),
-                              store=self.reader, reactor=reactor)
-        proto = factory.buildProtocol(None)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
-                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
-        proto.makeConnection(transport)
-        self.addCleanup(proto.connectionLost, None)
-        self.written = transport.value
+        proto, transport = self.session()
         proto.dataReceived(b"a LOGIN alice@example.org pw\r\nb SELECT INBOX\r\n")
         yield self.until(lambda: b"b OK" in transport.value(), "SELECT")
         yield self.writer.storeFlags(USER, "INBOX", [2], "add", ["\\Flagged"])  # the other process
