@@ -127,3 +127,35 @@ class TwoStores(unittest.TestCase):
         out = transport.value()
         self.assertRegex(out, rb"\* 3 FETCH \(FLAGS \([^)]*\\Seen")
         self.assertRegex(out, rb"\* 2 FETCH \(FLAGS \([^)]*\\Flagged")
+
+    @defer.inlineCallbacks
+    def test_pop3MaildropLockHoldsAcrossStoreObjects(self):
+        # Two store objects on one directory stand for two processes.
+        from mailplat.pop3.server import POP3Factory
+
+        def pop3(store):
+            factory = POP3Factory(hostname="pop.example.org", portal=memoryPortal({USER: "pw"}), store=store,
+                                  reactor=reactor, apop=False)
+            proto = factory.buildProtocol(None)
+            transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 110),
+                                        peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+            proto.makeConnection(transport)
+            self.addCleanup(proto.connectionLost, None)
+            return proto, transport
+
+        @defer.inlineCallbacks
+        def login(proto, transport):
+            transport.clear()
+            proto.dataReceived(b"USER alice@example.org\r\nPASS pw\r\n")
+            yield self.until(lambda: transport.value().count(b"\r\n") >= 2, "the PASS reply")
+            return transport.value().split(b"\r\n")[1]
+
+        first, firstT = pop3(self.writer)
+        second, secondT = pop3(self.reader)
+        self.assertTrue((yield login(first, firstT)).startswith(b"+OK"))
+        self.assertTrue((yield login(second, secondT)).startswith(b"-ERR [IN-USE]"))
+        firstT.clear()
+        first.dataReceived(b"QUIT\r\n")
+        yield self.until(lambda: firstT.value().startswith(b"+OK"), "QUIT")
+        third, thirdT = pop3(self.reader)
+        self.assertTrue((yield login(third, thirdT)).startswith(b"+OK"))

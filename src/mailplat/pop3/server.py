@@ -9,9 +9,11 @@ metadata once; messages already flagged C{\\Deleted} (by IMAP, say) are left
 out.  The unique-id of a message (UIDL) is C{"<uidvalidity>-<uid>"}, stable
 for as long as the store keeps the mailbox's UIDVALIDITY.  The maildrop is
 locked per account while a session is in the TRANSACTION state; a second
-login gets C{-ERR [IN-USE]}.  The lock registry is per process and per store
-object (shared by every L{POP3Factory} on that store): nodes that share one
-database do not see each other's POP3 locks.
+login gets C{-ERR [IN-USE]}.  The lock registry is per store object (shared
+by every L{POP3Factory} on that store); for a store with a C{directory}
+(the SQLite store) each lock is also an C{flock} on a file under
+C{DIRECTORY/locks/}, so processes sharing the store's files (one role per
+process) see each other's locks; other nodes sharing a database do not.
 
 UPDATE state: C{QUIT} sets C{\\Deleted} on the messages marked with C{DELE}
 and expunges exactly those UIDs; when the store fails, the reply is
@@ -81,6 +83,7 @@ Deviations and choices:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
@@ -138,9 +141,12 @@ class MaildropLocks:
     each account last logged in (for LOGIN-DELAY).
     """
 
-    def __init__(self):
+    def __init__(self, directory: str | None = None):
         self._held: set[str] = set()
         self._lastLogin: dict[str, float] = {}
+        #: Where the lock files go (None: this process only).
+        self.directory = directory
+        self._files: dict[str, int] = {}
 
     def lastLogin(self, user: str):
         """When C{user} last entered the TRANSACTION state, or C{None}."""
@@ -152,11 +158,25 @@ class MaildropLocks:
     def acquire(self, user: str) -> bool:
         if user in self._held:
             return False
+        if self.directory is not None:
+            # Named by a hash: an account name never becomes a path.
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, hashlib.sha256(user.encode("utf-8")).hexdigest() + ".pop3")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._files[user] = fd
         self._held.add(user)
         return True
 
     def release(self, user: str) -> None:
         self._held.discard(user)
+        fd = self._files.pop(user, None)
+        if fd is not None:
+            os.close(fd)  # closing the file drops its lock
 
     def isLocked(self, user: str) -> bool:
         return user in self._held
@@ -170,15 +190,20 @@ def locksFor(store) -> MaildropLocks:
     try:
         locks = _locksByStore.get(store)
         if locks is None:
-            locks = _locksByStore[store] = MaildropLocks()
+            locks = _locksByStore[store] = MaildropLocks(_lockDirectory(store))
         return locks
     except TypeError:
         # Not weak-referenceable: keep the registry on the store itself.
         locks = getattr(store, "_mailplatPOP3Locks", None)
         if locks is None:
-            locks = MaildropLocks()
+            locks = MaildropLocks(_lockDirectory(store))
             store._mailplatPOP3Locks = locks
         return locks
+
+
+def _lockDirectory(store):
+    directory = getattr(store, "directory", None)
+    return os.path.join(directory, "locks") if isinstance(directory, str) else None
 
 
 # --- maildrop state ----------------------------------------------------------
