@@ -73,6 +73,21 @@ listen = {ep("http")}
 """
 
 
+def prepareData(workdir, ports, user, password, data=None, extra=""):
+    """
+    C{workdir}/mailplat.toml with every listener on C{ports} (data under
+    C{data}, default C{workdir}/data, plus C{extra}), the domain example.org
+    and C{user} with C{password}, added with the C{mailplat} command.
+    """
+    workdir = str(workdir)
+    data = str(data) if data is not None else os.path.join(workdir, "data")
+    with open(os.path.join(workdir, "mailplat.toml"), "w") as f:
+        f.write(configForPorts(ports, data, extra))
+    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", user], password + "\n")):
+        r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
+        assert r.returncode == 0, r.stderr
+
+
 def waitForPort(port, timeout=30.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand
+from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, prepareData
 
 pytestmark = pytest.mark.integration
 
@@ -96,10 +96,7 @@ def contents(port, mailbox):
 def test_sigkillDuringImapChanges(tmp_path):
     rng = random.Random(112233)
     ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    (tmp_path / "mailplat.toml").write_text(configForPorts(ports, str(tmp_path / "data")))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(tmp_path, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(tmp_path, ports, USER, PASSWORD)
     proc = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports)
     workers = []
     try:

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand, requirePeer
+from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, mailplatCommand, prepareData, requirePeer
 
 pytestmark = pytest.mark.integration
 
@@ -131,10 +131,7 @@ def appendRefused(port, tag):
 
 def test_diskFull(tmp_path, smallDisk):
     ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    (tmp_path / "mailplat.toml").write_text(configForPorts(ports, str(smallDisk)))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(tmp_path, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(tmp_path, ports, USER, PASSWORD, data=str(smallDisk))
     proc = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports)
     proc.start(waitFor=["smtp", "imap"])
     try:

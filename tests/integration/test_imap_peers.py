@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand, requirePeer
+from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, prepareData, requirePeer
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +38,7 @@ def message(i, folder, extra=""):
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("imap-peers")
     PORTS.update(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    (workdir / "mailplat.toml").write_text(configForPorts(PORTS, str(workdir / "data")))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(workdir, PORTS, USER, PASSWORD)
     proc = MailplatProcess(str(workdir), ["--config", "mailplat.toml"], ports=PORTS).start(waitFor=["imap", "imaps"])
     with imaplib.IMAP4(HOST, PORTS["imap"]) as imap:
         imap.login(USER, PASSWORD)

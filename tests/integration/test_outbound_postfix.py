@@ -21,7 +21,7 @@ from email import policy
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, configForPorts, freePorts, mailplatCommand
+from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, freePorts, prepareData
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +108,7 @@ tls = "opportunistic"
 delay_warning = 2
 connect_timeout = 5
 """
-    (workdir / "mailplat.toml").write_text(configForPorts(ports, str(workdir / "data"), extra))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(workdir, ports, USER, PASSWORD, extra=extra)
     proc = MailplatProcess(str(workdir), ["--config", "mailplat.toml"], ports=ports).start()
     yield proc
     proc.stop()

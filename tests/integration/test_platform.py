@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand, waitForPort
+from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, mailplatCommand, prepareData, waitForPort
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +44,7 @@ def makeMessage(subject, body="Hello.\r\n.leading dot line\r\n..two dots\r\n"):
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("platform")
     PORTS.update(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    (workdir / "mailplat.toml").write_text(configForPorts(PORTS, str(workdir / "data")))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(workdir, PORTS, USER, PASSWORD)
     proc = MailplatProcess(str(workdir), ["--config", "mailplat.toml"], ports=PORTS).start()
     yield proc
     proc.stop()

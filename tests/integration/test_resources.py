@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand
+from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, prepareData
 
 pytestmark = pytest.mark.integration
 
@@ -93,10 +93,7 @@ def server(tmp_path_factory):
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     tmp = tmp_path_factory.mktemp("resources")
     ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    (tmp / "mailplat.toml").write_text(configForPorts(ports, str(tmp / "data")))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(tmp, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(tmp, ports, USER, PASSWORD)
     proc = MailplatProcess(str(tmp), ["--config", "mailplat.toml"], ports=ports)
     proc.start(waitFor=["smtp", "imap", "pop3"])
     probe(ports)

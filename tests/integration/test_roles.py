@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, configForPorts, freePorts, mailplatCommand
+from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, prepareData
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +23,7 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture
 def roles(tmp_path):
     ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    (tmp_path / "mailplat.toml").write_text(configForPorts(ports, str(tmp_path / "data")))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(tmp_path, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(tmp_path, ports, USER, PASSWORD)
     smtp = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports, plugin="mailplat-smtp")
     imap = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports, plugin="mailplat-imap")
     smtp.logPath = str(tmp_path / "smtp.log")

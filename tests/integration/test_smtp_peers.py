@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, configForPorts, freePorts, mailplatCommand, requirePeer
+from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, freePorts, prepareData, requirePeer
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +35,7 @@ def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smtp")
     PORTS.update(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
     extra = '\n[auth]\nplaintext_auth = "tls"\n'
-    (workdir / "mailplat.toml").write_text(configForPorts(PORTS, str(workdir / "data"), extra))
-    for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", USER], PASSWORD + "\n")):
-        r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
-        assert r.returncode == 0, r.stderr
+    prepareData(workdir, PORTS, USER, PASSWORD, extra=extra)
     proc = MailplatProcess(str(workdir), ["--config", "mailplat.toml"], ports=PORTS).start(["smtp", "submission"])
     proc.workdir = workdir
     yield proc
