@@ -99,10 +99,11 @@ class Mailplat(Server):
 
     name = "mailplat"
 
-    def __init__(self, base, python=sys.executable, extraConfig=""):
+    def __init__(self, base, python=sys.executable, extraConfig="", processes=1):
         super().__init__(base)
         self.python = python
         self.extraConfig = extraConfig
+        self.processes = processes
         self.proc = None
         names = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "http")
         self.ports = dict(zip(names, freePorts(len(names))))
@@ -126,10 +127,12 @@ submissions = {ep("submissions")}
 [imap]
 listen = {ep("imap")}
 listen_tls = {ep("imaps")}
+processes = {self.processes}
 
 [pop3]
 listen = {ep("pop3")}
 listen_tls = {ep("pop3s")}
+processes = {self.processes}
 
 [http]
 listen = {ep("http")}
@@ -381,10 +384,11 @@ class Aiosmtpd(Server):
 
     name = "aiosmtpd"
 
-    def __init__(self, base, python=sys.executable, extraConfig=""):
+    def __init__(self, base, python=sys.executable, extraConfig="", processes=1):
         super().__init__(base)
         self.python = python
         self.extraConfig = extraConfig
+        self.processes = processes
         self.port = self.smtpPort = freePorts(1)[0]
         self.maildirPath = os.path.join(self.workdir, "Maildir")
         self.proc = None

@@ -75,3 +75,20 @@ def test_missingFile(tmp_path):
     with pytest.raises(ConfigError) as e:
         loadConfig(str(tmp_path / "nope.toml"))
     assert "cannot read" in str(e.value)
+
+
+def test_workerProcesses():
+    c = parseConfig('[imap]\nprocesses = 4\n[pop3]\nprocesses = 2\nlisten = ["tcp6:port=2110:interface=\\\\:\\\\:1"]\n')
+    assert (c.imap.processes, c.pop3.processes) == (4, 2)
+    assert Config().imap.processes == 1 and Config().pop3.processes == 1
+    with pytest.raises(ConfigError) as e:
+        parseConfig('[imap]\nprocesses = 0\n[pop3]\nprocesses = 65\n', "w.toml")
+    joined = "\n".join(e.value.errors)
+    assert "imap.processes: must be a positive integer" in joined
+    assert "pop3.processes: must be at most 64" in joined
+    # Worker processes share plain TCP sockets only.
+    with pytest.raises(ConfigError) as e:
+        parseConfig('[imap]\nprocesses = 2\nlisten_tls = ["unix:/tmp/imap.sock"]\n', "w.toml")
+    assert "imap.listen_tls[0]: with processes > 1, only tcp: and tcp6: listeners" in "\n".join(e.value.errors)
+    # One process: any endpoint, as before.
+    assert parseConfig('[imap]\nlisten_tls = ["unix:/tmp/imap.sock"]\n').imap.listen_tls == ("unix:/tmp/imap.sock",)

@@ -84,6 +84,20 @@ class SiteTests(unittest.TestCase):
         _, _, body = exchange(site, path=b"/metrics")
         self.assertIn(b'mailplat_sessions_active{protocol="pop3"} 0\n', body)
 
+    def test_metrics_add_other_processes(self):
+        # A worker pool adds its workers' values to the main process's own.
+        other = Metrics()
+        other.sessionOpened("imap")
+        other.sessionOpened("pop3")
+        source = other.snapshot
+        self.metrics.addSource(source)
+        _, _, body = exchange(makeSite(metrics=self.metrics), path=b"/metrics")
+        self.assertIn(b'mailplat_sessions_active{protocol="pop3"} 2\n', body)
+        self.assertIn(b'mailplat_sessions_active{protocol="imap"} 1\n', body)
+        self.metrics.removeSource(source)
+        _, _, body = exchange(makeSite(metrics=self.metrics), path=b"/metrics")
+        self.assertIn(b'mailplat_sessions_active{protocol="pop3"} 1\n', body)
+
     def test_index(self):
         code, headers, body = exchange(makeSite(metrics=self.metrics), path=b"/")
         self.assertEqual(code, 200)

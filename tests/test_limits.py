@@ -54,3 +54,21 @@ class LimitTests(unittest.TestCase):
         self.sockets[0].close()
         yield self.waitForCount(1)
         self.assertEqual((yield self.connect()), b"* OK hello\r\n", "a freed slot can be used again")
+
+
+def test_connectionCounter():
+    from mailplat.limits import ConnectionCounter
+    from mailplat.metrics import Metrics
+
+    m = Metrics()
+    c = ConnectionCounter("imap", perPeer=2, total=3, metrics=m)
+    assert c.admit("a") and c.admit("a")
+    assert not c.admit("a")
+    assert c.admit("b")
+    assert not c.admit("c")  # three in all
+    assert m.get("mailplat_connections_refused_total", protocol="imap") == 2
+    c.release("a")
+    assert c.byPeer == {"a": 1, "b": 1} and c.count == 2
+    assert c.admit("c")
+    c.release("b")
+    assert "b" not in c.byPeer

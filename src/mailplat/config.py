@@ -62,6 +62,8 @@ class AccessConfig:
     listen: tuple = ()
     listen_tls: tuple = ()
     idle_timeout: int = 1800
+    #: Worker processes serving the sessions (1: the main process serves them).
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class OutboundConfig:
     connect_timeout: int = 30
     domains: dict = field(default_factory=dict)
 
+
+#: The most worker processes one role may have.
+MAX_PROCESSES = 64
 
 TLS_POLICIES = ("never", "opportunistic", "require", "verify")
 
@@ -207,6 +212,21 @@ class _Checker:
             except Exception as e:
                 self.error(f"{path}.{key}[{i}]", f"not a valid server endpoint string ({e})")
         return tuple(v)
+
+    def workerListeners(self, name, section):
+        """With C{processes} > 1 the listening sockets are shared with worker processes: TCP only."""
+        if section.processes > MAX_PROCESSES:
+            self.error(f"{name}.processes", f"must be at most {MAX_PROCESSES}")
+        if section.processes < 2 or not section.enabled:
+            return
+        from mailplat.workers import socketAddress
+
+        for key in ("listen", "listen_tls"):
+            for i, desc in enumerate(getattr(section, key)):
+                try:
+                    socketAddress(desc)
+                except ValueError as e:
+                    self.error(f"{name}.{key}[{i}]", f"with processes > 1, {e}")
 
     def plugin(self, value, path, default=None):
         if isinstance(value, str):
@@ -345,10 +365,13 @@ def _build(raw: dict[str, Any], source: str) -> Config:
             listen=c.endpoints(t, "listen", name, default.listen),
             listen_tls=c.endpoints(t, "listen_tls", name, default.listen_tls),
             idle_timeout=c.positiveInt(t, "idle_timeout", name, default.idle_timeout),
+            processes=c.positiveInt(t, "processes", name, default.processes),
         )
 
     imap = access("imap", base.imap)
     pop3 = access("pop3", base.pop3)
+    for name, section in (("imap", imap), ("pop3", pop3)):
+        c.workerListeners(name, section)
     httpT = c.table(top.get("http", {}), "http", set(HTTPConfig.__dataclass_fields__))
     http = HTTPConfig(
         enabled=c.boolean(httpT, "enabled", "http", HTTPConfig().enabled),

@@ -39,11 +39,10 @@ class _Counted(ProtocolWrapper):
         ProtocolWrapper.connectionLost(self, reason)
 
 
-class LimitedFactory(WrappingFactory):
-    protocol = _Counted
+class ConnectionCounter:
+    """Open connections, from each client address and in all, against the two limits."""
 
-    def __init__(self, wrappedFactory, kind, perPeer, total, metrics=None):
-        WrappingFactory.__init__(self, wrappedFactory)
+    def __init__(self, kind, perPeer, total, metrics=None):
         self.kind = kind
         self.perPeer = perPeer
         self.total = total
@@ -51,19 +50,53 @@ class LimitedFactory(WrappingFactory):
         self.byPeer: dict[str, int] = {}
         self.count = 0
 
-    def buildProtocol(self, addr):
-        host = getattr(addr, "host", "")
+    def admit(self, host: str) -> bool:
+        """Count a new connection from C{host}, or (over a limit: logged and counted) refuse it."""
         if self.count >= self.total or self.byPeer.get(host, 0) >= self.perPeer:
             _log.info("{kind}: refused a connection from {host}: too many connections ({n} from it, {total} in all)",
                       kind=self.kind, host=host, n=self.byPeer.get(host, 0), total=self.count)
             if self.metrics is not None:
                 self.metrics.inc("mailplat_connections_refused_total", protocol=self.kind)
+            return False
+        self.count += 1
+        self.byPeer[host] = self.byPeer.get(host, 0) + 1
+        return True
+
+    def release(self, host: str) -> None:
+        """A connection admitted from C{host} has closed."""
+        self.count -= 1
+        n = self.byPeer.get(host, 0) - 1
+        if n > 0:
+            self.byPeer[host] = n
+        else:
+            self.byPeer.pop(host, None)
+
+
+class LimitedFactory(WrappingFactory):
+    protocol = _Counted
+
+    def __init__(self, wrappedFactory, kind, perPeer, total, metrics=None):
+        WrappingFactory.__init__(self, wrappedFactory)
+        self.kind = kind
+        self.counter = ConnectionCounter(kind, perPeer, total, metrics)
+
+    @property
+    def count(self):
+        return self.counter.count
+
+    @property
+    def byPeer(self):
+        return self.counter.byPeer
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        if not self.counter.admit(host):
             return _Refuse(REFUSALS.get(self.kind, b""))
         protocol = WrappingFactory.buildProtocol(self, addr)
-        if protocol is not None:
+        if protocol is None:
+            self.counter.release(host)
+        else:
             protocol._peer = host
-            self.count += 1
-            self.byPeer[host] = self.byPeer.get(host, 0) + 1
         return protocol
 
     def released(self, protocol):
@@ -71,9 +104,4 @@ class LimitedFactory(WrappingFactory):
         if host is None:
             return
         protocol._peer = None
-        self.count -= 1
-        n = self.byPeer.get(host, 0) - 1
-        if n > 0:
-            self.byPeer[host] = n
-        else:
-            self.byPeer.pop(host, None)
+        self.counter.release(host)

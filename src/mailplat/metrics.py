@@ -34,6 +34,19 @@ def _labels(labels: dict) -> str:
 class Metrics:
     def __init__(self):
         self._values: dict[tuple, float] = {}
+        self._sources: list = []
+
+    def addSource(self, source) -> None:
+        """
+        Add C{source}, a callable returning more values (C{{(name, labels):
+        value}}, as another process's L{Metrics} keeps them) that
+        L{render} adds to these: a worker pool's workers.
+        """
+        self._sources.append(source)
+
+    def removeSource(self, source) -> None:
+        if source in self._sources:
+            self._sources.remove(source)
 
     def inc(self, name: str, amount: float = 1, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -41,6 +54,10 @@ class Metrics:
 
     def get(self, name: str, **labels) -> float:
         return self._values.get((name, tuple(sorted(labels.items()))), 0)
+
+    def snapshot(self) -> dict:
+        """This process's own values, C{{(name, labels): value}}."""
+        return dict(self._values)
 
     def sessionOpened(self, protocol: str) -> None:
         self.inc("mailplat_sessions_total", protocol=protocol)
@@ -51,11 +68,15 @@ class Metrics:
 
     def render(self) -> bytes:
         lines = []
-        names = sorted(set(HELP) | {k[0] for k in self._values})
+        values = dict(self._values)
+        for source in self._sources:
+            for key, v in source().items():
+                values[key] = values.get(key, 0) + v
+        names = sorted(set(HELP) | {k[0] for k in values})
         for name in names:
             lines.append(f"# HELP {name} {HELP.get(name, name)}")
             lines.append(f"# TYPE {name} {'gauge' if name in _GAUGES else 'counter'}")
-            samples = [(dict(k[1]), v) for k, v in self._values.items() if k[0] == name]
+            samples = [(dict(k[1]), v) for k, v in values.items() if k[0] == name]
             if not samples and name not in _GAUGES:
                 lines.append(f"{name} 0")
             for labels, value in sorted(samples, key=lambda s: sorted(s[0].items())):

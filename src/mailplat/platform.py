@@ -100,6 +100,8 @@ class Platform:
             raise plugins.PluginError("\n".join(errors))
         self._tls = None
         self._opened = None
+        #: The running L{mailplat.workers.WorkerPool}s (they add themselves).
+        self.workerPools = []
 
     # --- parts --------------------------------------------------------------
 
@@ -136,15 +138,28 @@ class Platform:
         _log.info("TLS certificate reloaded from {cert}", cert=self._tls.certPath)
         return True
 
-    def open(self):
-        """Open the store and the queue (once); fires when both are ready."""
+    def hangup(self):
+        """What SIGHUP does: reload the TLS pair here and in every worker process."""
+        self.reloadTLS()
+        for pool in self.workerPools:
+            pool.signalWorkers("HUP")
+
+    def open(self, queue=True):
+        """
+        Open the store and (unless C{queue} is false: worker processes of
+        IMAP and POP3, which never queue mail) the queue, once; fires when
+        both are ready.
+        """
         if self._opened is None:
-            self._opened = defer.gatherResults([self.store.open(), self.queue.open()], consumeErrors=True)
+            self._withQueue = queue
+            parts = [self.store.open()] + ([self.queue.open()] if queue else [])
+            self._opened = defer.gatherResults(parts, consumeErrors=True)
         return self._opened
 
     @defer.inlineCallbacks
     def close(self):
-        yield defer.gatherResults([self.store.close(), self.queue.close()], consumeErrors=True)
+        parts = [self.store.close()] + ([self.queue.close()] if getattr(self, "_withQueue", True) else [])
+        yield defer.gatherResults(parts, consumeErrors=True)
 
     def smtpFactory(self, role="mx"):
         from mailplat.smtp.server import SMTPFactory
@@ -282,38 +297,62 @@ class Platform:
         limits = self.config.limits
         return LimitedFactory(factory, kind, limits.connections_per_ip, limits.connections, self.metrics)
 
-    def listeners(self, roles=ROLES):
-        """C{(name, endpoint description, factory)} for every enabled listener of C{roles}."""
+    def listenerSpecs(self, roles=ROLES):
+        """C{(kind, endpoint description)} for every enabled listener of C{roles}, in a fixed order."""
         c = self.config
         out = []
-        lim = self.limited
         if "smtp" in roles and c.smtp.enabled:
-            for desc in c.smtp.listen:
-                out.append(("smtp", desc, lim("smtp", self.smtpFactory("mx"))))
-            for desc in c.smtp.submission:
-                out.append(("submission", desc, lim("smtp", self.smtpFactory("submission"))))
-            for desc in c.smtp.submissions:
-                out.append(("submissions", desc, self.implicitTLS(lim("smtp", self.smtpFactory("submissions")))))
-        if "imap" in roles and c.imap.enabled:
-            for desc in c.imap.listen:
-                out.append(("imap", desc, lim("imap", self.imapFactory())))
-            for desc in c.imap.listen_tls:
-                out.append(("imaps", desc, self.implicitTLS(lim("imap", self.imapFactory()))))
-        if "pop3" in roles and c.pop3.enabled:
-            for desc in c.pop3.listen:
-                out.append(("pop3", desc, lim("pop3", self.pop3Factory())))
-            for desc in c.pop3.listen_tls:
-                out.append(("pop3s", desc, self.implicitTLS(lim("pop3", self.pop3Factory()))))
+            out += [("smtp", d) for d in c.smtp.listen]
+            out += [("submission", d) for d in c.smtp.submission]
+            out += [("submissions", d) for d in c.smtp.submissions]
+        for role in ("imap", "pop3"):
+            section = getattr(c, role)
+            if role in roles and section.enabled:
+                out += [(role, d) for d in section.listen]
+                out += [(role + "s", d) for d in section.listen_tls]
         if "http" in roles and c.http.enabled:
-            for desc in c.http.listen:
-                out.append(("http", desc, lim("http", self.httpSite())))
+            out += [("http", d) for d in c.http.listen]
         return out
+
+    def factoryFor(self, kind, limited=True):
+        """
+        A new protocol factory for a listener of C{kind} (see
+        L{listenerSpecs}): behind the C{[limits]} connection limits unless
+        C{limited} is false (worker processes: their master counts).
+        """
+        role = {"submission": "smtp", "submissions": "smtp", "imaps": "imap", "pop3s": "pop3"}.get(kind, kind)
+        build = {
+            "smtp": lambda: self.smtpFactory("mx"),
+            "submission": lambda: self.smtpFactory("submission"),
+            "submissions": lambda: self.smtpFactory("submissions"),
+            "imap": self.imapFactory, "imaps": self.imapFactory,
+            "pop3": self.pop3Factory, "pop3s": self.pop3Factory,
+            "http": self.httpSite,
+        }[kind]
+        factory = build()
+        if limited:
+            factory = self.limited(role, factory)
+        if kind in ("submissions", "imaps", "pop3s"):
+            factory = self.implicitTLS(factory)
+        return factory
+
+    def listeners(self, roles=ROLES):
+        """C{(name, endpoint description, factory)} for every enabled listener of C{roles}."""
+        return [(kind, desc, self.factoryFor(kind)) for kind, desc in self.listenerSpecs(roles)]
+
+    def workerRoles(self, roles=ROLES):
+        """The roles among C{roles} configured to run in worker processes (C{processes} > 1)."""
+        return [r for r in ("imap", "pop3") if r in roles and getattr(self.config, r).enabled
+                and getattr(self.config, r).processes > 1]
 
     def makeService(self, roles=ROLES) -> service.MultiService:
         """
         The service tree: C{store} (opens and closes store and queue), then
         C{queue-runner} when SMTP is among C{roles}, then one named endpoint
         service per listener.  A listener that cannot bind stops start-up.
+        A role with C{processes} > 1 gets a L{mailplat.workers.WorkerPool}
+        instead of its endpoint services: it listens here and hands each
+        connection to one of its worker processes.
         """
         unknown = set(roles) - set(ROLES)
         if unknown:
@@ -324,7 +363,12 @@ class Platform:
         _ReloadOnHangup(self).setServiceParent(root)
         if "smtp" in roles and self.config.smtp.enabled:
             self.queueRunner().setServiceParent(root)
-        for kind, desc, factory in self.listeners(roles):
+        pooled = self.workerRoles(roles)
+        for role in pooled:
+            from mailplat.workers import WorkerPool
+
+            WorkerPool(self, role, getattr(self.config, role).processes).setServiceParent(root)
+        for kind, desc, factory in self.listeners([r for r in roles if r not in pooled]):
             svc = strports.service(desc, factory, reactor=self.reactor)
             svc.setName(f"{kind} {desc}")
             svc.setServiceParent(root)
@@ -354,7 +398,7 @@ class _ReloadOnHangup(service.Service):
     def _hangup(self, signum, frame):
         # A signal handler runs between bytecodes of the reactor's thread:
         # hand the work to the reactor rather than doing it here.
-        self.platform.reactor.callFromThread(self.platform.reloadTLS)
+        self.platform.reactor.callFromThread(self.platform.hangup)
 
     def stopService(self):
         import signal
@@ -371,12 +415,13 @@ class _ReloadOnHangup(service.Service):
 class _StoreService(service.Service):
     name = "store"
 
-    def __init__(self, platform):
+    def __init__(self, platform, queue=True):
         self.platform = platform
+        self.queue = queue
 
     def startService(self):
         service.Service.startService(self)
-        d = self.platform.open()
+        d = self.platform.open(queue=self.queue)
         d.addErrback(lambda f: _log.failure("the store could not be opened", f))
 
     def stopService(self):

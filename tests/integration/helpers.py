@@ -43,11 +43,19 @@ def freePorts(n):
     return ports
 
 
-def configForPorts(ports: dict, data: str, extra: str = "") -> str:
-    """A config text with every listener on 127.0.0.1 at the given ports."""
+def configForPorts(ports: dict, data: str, extra: str = "", sections: dict | None = None) -> str:
+    """
+    A config text with every listener on 127.0.0.1 at the given ports;
+    C{sections} adds lines to a section (C{{"imap": "processes = 2"}}),
+    C{extra} adds sections at the end.
+    """
+    more = sections or {}
 
     def ep(name):
-        return f'["tcp:{ports[name]}:interface=127.0.0.1"]'
+        # The listener line, and what the test adds to its section after it.
+        line = f'["tcp:{ports[name]}:interface=127.0.0.1"]'
+        section = {"submissions": "smtp", "imaps": "imap", "pop3s": "pop3", "http": "http"}.get(name)
+        return line + ("\n" + more[section] if section in more else "")
 
     return f"""
 [server]
@@ -73,16 +81,17 @@ listen = {ep("http")}
 """
 
 
-def prepareData(workdir, ports, user, password, data=None, extra=""):
+def prepareData(workdir, ports, user, password, data=None, extra="", sections=None):
     """
     C{workdir}/mailplat.toml with every listener on C{ports} (data under
-    C{data}, default C{workdir}/data, plus C{extra}), the domain example.org
-    and C{user} with C{password}, added with the C{mailplat} command.
+    C{data}, default C{workdir}/data, plus C{extra} and C{sections}: see
+    L{configForPorts}), the domain example.org and C{user} with
+    C{password}, added with the C{mailplat} command.
     """
     workdir = str(workdir)
     data = str(data) if data is not None else os.path.join(workdir, "data")
     with open(os.path.join(workdir, "mailplat.toml"), "w") as f:
-        f.write(configForPorts(ports, data, extra))
+        f.write(configForPorts(ports, data, extra, sections))
     for args, inp in ((["domain", "add", "example.org"], None), (["user", "add", user], password + "\n")):
         r = mailplatCommand(workdir, "--config", "mailplat.toml", *args, input=inp)
         assert r.returncode == 0, r.stderr
