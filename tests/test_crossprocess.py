@@ -46,6 +46,7 @@ class TwoStores(unittest.TestCase):
         """An IMAP session on the reading store, over a StringTransport."""
         factory = IMAPFactory(hostname="imap.example.org", portal=memoryPortal({USER: "pw"}),
                               store=self.reader, reactor=reactor)
+        self.addCleanup(factory.stopFactory)  # a pending \Recent claim
         proto = factory.buildProtocol(None)
         transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
                                     peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))

@@ -861,3 +861,32 @@ class KnownTests(unittest.TestCase):
         known.pop(5)
         self.assertNotIn(5, known)
         self.assertEqual(known.get(9), (seen, 7))
+
+
+def test_storeRecentClaimsAreCoalesced():
+    # New mail seen by a session clears the store's \Recent at most once
+    # per STORE_CLAIM_DELAY for a mailbox, however many messages came.
+    from twisted.internet.task import Clock
+
+    from mailplat.imap.server import STORE_CLAIM_DELAY
+
+    class Store:
+        def __init__(self):
+            self.calls = []
+
+        def claimRecent(self, user, mailbox):
+            self.calls.append((user, mailbox))
+            return defer.succeed([])
+
+    clock, store = Clock(), Store()
+    factory = IMAPFactory(hostname="h", portal=memoryPortal({}), store=store, reactor=clock)
+    for _ in range(3):
+        factory.claimRecentInStore(store, "u", "INBOX")
+    factory.claimRecentInStore(store, "u", "Other")
+    assert store.calls == []
+    clock.advance(STORE_CLAIM_DELAY)
+    assert sorted(store.calls) == [("u", "INBOX"), ("u", "Other")]
+    factory.claimRecentInStore(store, "u", "INBOX")
+    factory.stopFactory()
+    clock.advance(STORE_CLAIM_DELAY)
+    assert len(store.calls) == 2 and not clock.getDelayedCalls()

@@ -115,3 +115,53 @@ class WriterTests(unittest.TestCase):
         self.assertEqual(len(set(results)), 10)
         # Stopped twice (here and in the cleanup) is harmless.
         yield deferLater(reactor, 0, lambda: None)
+
+
+class ReadTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.db = Database(os.path.join(self.dir, "t.sqlite"), SCHEMA, reactor, "test-reads")
+        self.db.start()
+        self.addCleanup(self.db.stop)
+
+    def test_inlineReadAnswersAtOnceInTheCallingThread(self):
+        seen = []
+
+        def f(db):
+            seen.append((threading.get_ident(), self.db.inline))
+            return db.execute("SELECT COUNT(*) FROM log").fetchone()[0]
+
+        d = self.db.read(f, inline=True)
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(seen, [(threading.get_ident(), True)])
+        self.assertFalse(self.db.inline)
+
+    def test_inlineReadFailureIsAFailedDeferred(self):
+        def f(db):
+            db.execute("SELECT nonsense FROM log")
+
+        self.failureResultOf(self.db.read(f, inline=True))
+
+    @defer.inlineCallbacks
+    def test_notSmallRunsAgainInAThread(self):
+        from mailplat.store.writer import NotSmall
+
+        seen = []
+
+        def f(db):
+            seen.append((threading.get_ident(), self.db.inline))
+            if self.db.inline:
+                raise NotSmall()
+            return "done"
+
+        result = yield self.db.read(f, inline=True)
+        self.assertEqual(result, "done")
+        self.assertEqual(seen[0], (threading.get_ident(), True))
+        self.assertNotEqual(seen[1][0], threading.get_ident())
+        self.assertFalse(seen[1][1])
+
+    @defer.inlineCallbacks
+    def test_plainReadRunsInAThread(self):
+        ident = yield self.db.read(lambda db: threading.get_ident())
+        self.assertNotEqual(ident, threading.get_ident())

@@ -26,6 +26,7 @@ from mailplat.interfaces.queue import IQueue, IQueueTransaction, QueueEntry
 from mailplat.interfaces.routing import IRouter, LocalDestination, RemoteDestination, Route
 from mailplat.interfaces.storage import (
     DEFAULT_MAILBOXES,
+    SYSTEM_FLAGS,
     AccountExists,
     FlagChange,
     IBatchReadStore,
@@ -49,13 +50,12 @@ from mailplat.interfaces.storage import (
 )
 
 _uidvalidities = itertools.count(int(time.time()) & 0x7FFFFFFF)
+_CANONICAL_FLAGS = {f.lower(): f for f in SYSTEM_FLAGS}
 
 
 def normaliseFlags(flags) -> frozenset:
     """Flags with system flags in canonical case, keywords as given, de-duplicated case-insensitively."""
-    from mailplat.interfaces.storage import SYSTEM_FLAGS
-
-    canon = {f.lower(): f for f in SYSTEM_FLAGS}
+    canon = _CANONICAL_FLAGS
     seen = {}
     for f in flags:
         key = f.lower()

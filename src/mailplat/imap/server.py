@@ -126,6 +126,10 @@ ENABLEABLE = ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT")
 STREAM_THRESHOLD = 256 * 1024
 #: FETCH output is written in chunks of about this size.
 WRITE_CHUNK = 64 * 1024
+#: Seconds a claim of new messages' \Recent waits to be written to the store,
+#: with the others of the same mailbox (see L{IMAPFactory.claimRecentInStore}).
+STORE_CLAIM_DELAY = 0.5
+
 #: \Recent claims remembered per factory (see L{IMAPFactory.claimRecent}).
 MAX_RECENT_CLAIMS = 100000
 MAX_AUTH_FAILURES = 5
@@ -1766,8 +1770,7 @@ class IMAPServerProtocol(Protocol):
                         # Clear the store's record too (for sessions of other
                         # processes and later SELECTs), without waiting: the
                         # claim was decided above, and \Recent is advisory.
-                        store.claimRecent(self._user, sel.name).addErrback(
-                            lambda f: f.trap(StoreError) and None)
+                        self.factory.claimRecentInStore(store, self._user, sel.name)
                     self._send(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), len(sel.recent)))
         if sel.pendingFlags:
             uids = sorted(u for u in sel.pendingFlags if u in sel.known and u not in dead and u not in sel.pendingExpunge)
@@ -1864,6 +1867,7 @@ class IMAPFactory(ServerFactory):
         self.maxLiteralSize = maxLiteralSize
         self._flagCache: dict = {}
         self._recentClaims: collections.OrderedDict = collections.OrderedDict()
+        self._storeClaims: dict = {}
 
     def claimRecent(self, user, mailbox, uids):
         """
@@ -1882,6 +1886,28 @@ class IMAPFactory(ServerFactory):
         while len(claims) > MAX_RECENT_CLAIMS:
             claims.popitem(last=False)
         return won
+
+    def claimRecentInStore(self, store, user, mailbox):
+        """
+        Clear the store's C{\\Recent} of C{mailbox} soon: one store write
+        for the claims of L{STORE_CLAIM_DELAY} seconds, not one per new
+        message (the factory's own record above answers meanwhile).
+        """
+        key = (user, mailbox)
+        if key in self._storeClaims:
+            return
+
+        def run():
+            del self._storeClaims[key]
+            store.claimRecent(user, mailbox).addErrback(lambda f: f.trap(StoreError) and None)
+
+        self._storeClaims[key] = self.reactor.callLater(STORE_CLAIM_DELAY, run)
+
+    def stopFactory(self):
+        for call in self._storeClaims.values():
+            if call.active():
+                call.cancel()
+        self._storeClaims.clear()
 
     def buildProtocol(self, addr):
         p = self.protocol(self)

@@ -58,7 +58,7 @@ from mailplat.interfaces.storage import (
 )
 from mailplat.log import observer as logObserver
 from mailplat.store.events import Listeners
-from mailplat.store.writer import Database, WriteOp, connect, linkOrCopy, writeFile
+from mailplat.store.writer import Database, NotSmall, WriteOp, connect, linkOrCopy, writeFile
 from mailplat.plugins import dataPathArgument
 from mailplat.testing import applyFlags, normaliseFlags
 
@@ -580,8 +580,8 @@ class SQLiteStore:
     def _readDb(self) -> sqlite3.Connection:
         return self._db.connection()
 
-    def _read(self, f, *a):
-        return self._db.read(f, *a)
+    def _read(self, f, *a, inline=False):
+        return self._db.read(f, *a, inline=inline)
 
     def _write(self, apply, prepare=None, after=None, onFailure=None, events=None, durable=True):
         op = WriteOp(apply, prepare, after, onFailure, durable=durable)
@@ -679,7 +679,8 @@ class SQLiteStore:
         return self._read(lambda db: [r[0] for r in db.execute("SELECT user FROM accounts ORDER BY user")])
 
     def hasAccount(self, user):
-        return self._read(lambda db: db.execute("SELECT 1 FROM accounts WHERE user=?", (user,)).fetchone() is not None)
+        return self._read(lambda db: db.execute("SELECT 1 FROM accounts WHERE user=?", (user,)).fetchone() is not None,
+                          inline=True)
 
     # --- mailboxes ----------------------------------------------------------
 
@@ -724,7 +725,7 @@ class SQLiteStore:
         return self._read(run)
 
     def getMailbox(self, user, name):
-        return self._read(lambda db: self._info(db, user, self._mailboxRow(db, user, name)))
+        return self._read(lambda db: self._info(db, user, self._mailboxRow(db, user, name)), inline=True)
 
     def createMailbox(self, user, name, specialUse=None):
         try:
@@ -939,7 +940,7 @@ class SQLiteStore:
                 return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4]) for r in rows]
             return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4], json.loads(r[5]) if r[5] else None) for r in rows]
 
-        return self._read(run)
+        return self._read(run, inline=wanted is not None and len(wanted) <= self._inlineRows)
 
     #: Mailboxes with at least this many messages keep their last
     #: L{selectData} in memory (at most L{_selectCacheSize} of them).
@@ -1000,7 +1001,9 @@ class SQLiteStore:
             out = {}
             if not wanted:
                 return out
-            for uid, rel in self._rowsFor(db, mid, wanted, "uid, file"):
+            rows = self._rowsFor(db, mid, wanted, "uid, file")
+            self._smallContent(rows)
+            for uid, rel in rows:
                 try:
                     out[uid] = self._load(db, rel)
                 except (FileNotFoundError, KeyError):
@@ -1008,7 +1011,7 @@ class SQLiteStore:
                     continue
             return out
 
-        return self._read(run)
+        return self._read(run, inline=len(wanted) <= self._inlineContents)
 
     def getContent(self, user, mailbox, uid):
         def run(db):
@@ -1016,9 +1019,21 @@ class SQLiteStore:
             row = db.execute("SELECT file FROM messages WHERE mailbox=? AND uid=?", (mid, uid)).fetchone()
             if row is None:
                 raise KeyError(uid)
+            self._smallContent([(uid, row[0])])
             return self._load(db, row[0])
 
-        return self._read(run)
+        return self._read(run, inline=True)
+
+    #: Reads run at once in the reactor's thread when they are this small:
+    #: metadata of up to this many UIDs named by the caller...
+    _inlineRows = 64
+    #: ...and the content of up to this many messages kept in the index.
+    _inlineContents = 4
+
+    def _smallContent(self, rows):
+        """In a read started inline: content in files (large messages) is read in a thread instead."""
+        if self._db.inline and any(not rel.startswith(":") for _, rel in rows):
+            raise NotSmall()
 
     def storeFlags(self, user, mailbox, uids, mode, flags, unchangedSince=None):
         if mode not in ("set", "add", "remove"):
