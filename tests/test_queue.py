@@ -59,6 +59,27 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(self.dir, "tmp")), [])
 
     @defer.inlineCallbacks
+    def test_openingTheQueueElsewhereLeavesASpillBeingReceived(self):
+        # Another process (a worker, the admin command) opens the same queue
+        # while a large message is being received: that spill is locked and
+        # stays; an unlocked leftover (a dead process's) is removed.
+        big = MSG * 1000
+        t = self.queue.begin(envelope(LocalDestination("a@example.org")))
+        t.write(big)
+        tmp = os.path.join(self.dir, "tmp")
+        [spill] = os.listdir(tmp)
+        with open(os.path.join(tmp, "in-leftover"), "wb") as f:
+            f.write(b"never acknowledged")
+        other = SQLiteQueue(self.dir, reactor, spillSize=64)
+        yield other.open()
+        self.addCleanup(other.close)
+        self.assertEqual(os.listdir(tmp), [spill])
+        qid = yield t.commit()
+        with open(self.queue.path(qid), "rb") as f:
+            self.assertEqual(f.read(), big)
+        self.assertEqual(os.listdir(tmp), [])
+
+    @defer.inlineCallbacks
     def test_largerThanInlineGoesToAFile(self):
         self.queue.inlineSize = 10
         self.queue.spillSize = 1 << 20

@@ -20,6 +20,7 @@ make that harmless.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -113,6 +114,24 @@ def envelopeFromJson(text: str) -> Envelope:
     )
 
 
+def _removeUnlocked(path):
+    """Remove the file C{path} unless a process holds a lock on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # in use
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 @implementer(IQueueTransaction)
 class _Transaction:
     def __init__(self, queue, envelope):
@@ -133,6 +152,9 @@ class _Transaction:
         self._chunks.append(bytes(data))
         if self._size > self._queue.spillSize:
             fd, path = tempfile.mkstemp(dir=self._queue.tmpDir, prefix="in-")
+            # Locked while this process owns it: another process opening the
+            # queue (a worker, the admin command) leaves it alone.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             self._spill = os.fdopen(fd, "wb")
             self._spillPath = path
             for c in self._chunks:
@@ -144,8 +166,16 @@ class _Transaction:
             return defer.fail(RuntimeError("transaction already finished"))
         self._done = True
         if self._spill is not None:
-            self._spill.close()
-            return self._queue._commit(self._envelope, None, self._spillPath, self._size)
+            # Kept open (and locked) until the commit has moved it into place.
+            spill = self._spill
+            spill.flush()
+            d = self._queue._commit(self._envelope, None, self._spillPath, self._size)
+
+            def close(result):
+                spill.close()
+                return result
+
+            return d.addBoth(close)
         content = b"".join(self._chunks)
         self._chunks = []
         return self._queue._commit(self._envelope, content, None, self._size)
@@ -181,11 +211,9 @@ class SQLiteQueue:
         os.makedirs(self.messagesDir, exist_ok=True)
         os.makedirs(self.tmpDir, exist_ok=True)
         for leftover in os.listdir(self.tmpDir):
-            # Uncommitted spills of a previous run: never acknowledged.
-            try:
-                os.unlink(os.path.join(self.tmpDir, leftover))
-            except OSError:
-                pass
+            # Uncommitted spills of a previous run: never acknowledged.  One
+            # still locked belongs to a live process sharing the queue.
+            _removeUnlocked(os.path.join(self.tmpDir, leftover))
         self._db.start()
         db = connect(self._dbPath)
         try:
