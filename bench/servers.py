@@ -99,11 +99,12 @@ class Mailplat(Server):
 
     name = "mailplat"
 
-    def __init__(self, base, python=sys.executable, extraConfig="", processes=1):
+    def __init__(self, base, python=sys.executable, extraConfig="", processes=1, smtpProcesses=1):
         super().__init__(base)
         self.python = python
         self.extraConfig = extraConfig
         self.processes = processes
+        self.smtpProcesses = smtpProcesses
         self.proc = None
         names = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "http")
         self.ports = dict(zip(names, freePorts(len(names))))
@@ -123,6 +124,7 @@ data = "{self.workdir}/data"
 listen = {ep("smtp")}
 submission = {ep("submission")}
 submissions = {ep("submissions")}
+processes = {self.smtpProcesses}
 
 [imap]
 listen = {ep("imap")}
@@ -384,11 +386,12 @@ class Aiosmtpd(Server):
 
     name = "aiosmtpd"
 
-    def __init__(self, base, python=sys.executable, extraConfig="", processes=1):
+    def __init__(self, base, python=sys.executable, extraConfig="", processes=1, smtpProcesses=1):
         super().__init__(base)
         self.python = python
         self.extraConfig = extraConfig
         self.processes = processes
+        self.smtpProcesses = smtpProcesses
         self.port = self.smtpPort = freePorts(1)[0]
         self.maildirPath = os.path.join(self.workdir, "Maildir")
         self.proc = None

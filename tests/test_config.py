@@ -92,3 +92,16 @@ def test_workerProcesses():
     assert "imap.listen_tls[0]: with processes > 1, only tcp: and tcp6: listeners" in "\n".join(e.value.errors)
     # One process: any endpoint, as before.
     assert parseConfig('[imap]\nlisten_tls = ["unix:/tmp/imap.sock"]\n').imap.listen_tls == ("unix:/tmp/imap.sock",)
+
+
+def test_smtpWorkerProcesses():
+    assert parseConfig("[smtp]\nprocesses = 3\n").smtp.processes == 3
+    with pytest.raises(ConfigError) as e:
+        parseConfig('[smtp]\nprocesses = 2\nsubmission = ["unix:/tmp/sub.sock"]\n[[hooks]]\nplugin = "greylist"\n',
+                    "w.toml")
+    joined = "\n".join(e.value.errors)
+    assert "smtp.submission[0]: with processes > 1, only tcp: and tcp6: listeners" in joined
+    assert "smtp.processes: the greylist hook keeps its state in one process" in joined
+    # The stateless hooks are fine with several processes.
+    c = parseConfig('[smtp]\nprocesses = 2\n[[hooks]]\nplugin = "dnsbl"\nargs = { zones = ["zen.example"] }\n')
+    assert c.smtp.processes == 2

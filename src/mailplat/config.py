@@ -52,6 +52,8 @@ class SMTPConfig:
     max_auth_failures: int = 5
     bare_line_endings: str = "refuse"
     accept_8bit_headers: bool = False
+    #: Worker processes receiving mail (1: the main process does).
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class OutboundConfig:
 
 #: The most worker processes one role may have.
 MAX_PROCESSES = 64
+#: Built-in SMTP hooks that keep state in their process (not shared by SMTP worker processes).
+STATEFUL_HOOKS = frozenset({"greylist", "limits"})
 
 TLS_POLICIES = ("never", "opportunistic", "require", "verify")
 
@@ -221,7 +225,8 @@ class _Checker:
             return
         from mailplat.workers import socketAddress
 
-        for key in ("listen", "listen_tls"):
+        keys = ("listen", "submission", "submissions") if name == "smtp" else ("listen", "listen_tls")
+        for key in keys:
             for i, desc in enumerate(getattr(section, key)):
                 try:
                     socketAddress(desc)
@@ -350,6 +355,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         max_auth_failures=c.positiveInt(smtpT, "max_auth_failures", "smtp", s0.max_auth_failures),
         bare_line_endings=c.string(smtpT, "bare_line_endings", "smtp", s0.bare_line_endings),
         accept_8bit_headers=c.boolean(smtpT, "accept_8bit_headers", "smtp", s0.accept_8bit_headers),
+        processes=c.positiveInt(smtpT, "processes", "smtp", s0.processes),
     )
     if smtp.bare_line_endings not in ("refuse", "normalise"):
         c.error("smtp.bare_line_endings", 'must be "refuse" or "normalise"')
@@ -370,8 +376,13 @@ def _build(raw: dict[str, Any], source: str) -> Config:
 
     imap = access("imap", base.imap)
     pop3 = access("pop3", base.pop3)
-    for name, section in (("imap", imap), ("pop3", pop3)):
+    for name, section in (("smtp", smtp), ("imap", imap), ("pop3", pop3)):
         c.workerListeners(name, section)
+    stateful = sorted({h.plugin for h in hooks} & STATEFUL_HOOKS)
+    if smtp.processes > 1 and stateful:
+        what = "hooks keep their" if len(stateful) > 1 else "hook keeps its"
+        c.error("smtp.processes", f"the {' and '.join(stateful)} {what} state in one process:"
+                " use processes = 1 with them")
     httpT = c.table(top.get("http", {}), "http", set(HTTPConfig.__dataclass_fields__))
     http = HTTPConfig(
         enabled=c.boolean(httpT, "enabled", "http", HTTPConfig().enabled),

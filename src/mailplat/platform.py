@@ -100,6 +100,8 @@ class Platform:
             raise plugins.PluginError("\n".join(errors))
         self._tls = None
         self._opened = None
+        #: The queue runner of L{makeService} (SMTP role), when there is one.
+        self.runner = None
         #: The running L{mailplat.workers.WorkerPool}s (they add themselves).
         self.workerPools = []
 
@@ -342,7 +344,7 @@ class Platform:
 
     def workerRoles(self, roles=ROLES):
         """The roles among C{roles} configured to run in worker processes (C{processes} > 1)."""
-        return [r for r in ("imap", "pop3") if r in roles and getattr(self.config, r).enabled
+        return [r for r in ("smtp", "imap", "pop3") if r in roles and getattr(self.config, r).enabled
                 and getattr(self.config, r).processes > 1]
 
     def makeService(self, roles=ROLES) -> service.MultiService:
@@ -359,10 +361,12 @@ class Platform:
             raise ValueError(f"unknown role(s): {', '.join(sorted(unknown))}")
         root = service.MultiService()
         root.setName("mailplat")
-        _StoreService(self).setServiceParent(root)
+        # Only SMTP queues mail: a process without it leaves the queue closed.
+        _StoreService(self, queue="smtp" in roles).setServiceParent(root)
         _ReloadOnHangup(self).setServiceParent(root)
         if "smtp" in roles and self.config.smtp.enabled:
-            self.queueRunner().setServiceParent(root)
+            self.runner = self.queueRunner()
+            self.runner.setServiceParent(root)
         pooled = self.workerRoles(roles)
         for role in pooled:
             from mailplat.workers import WorkerPool

@@ -2,7 +2,7 @@
 Worker processes: one role's sessions served by several processes, so that
 they use every core instead of one interpreter lock.
 
-With C{[imap] processes = N} (or C{[pop3]}), the main process keeps the
+With C{[imap] processes = N} (or C{[pop3]}, C{[smtp]}), the main process keeps the
 role's listening sockets and a L{WorkerPool} starts N worker processes
 (C{python -m mailplat.workers}).  The pool accepts each connection itself,
 applies the C{[limits]} connection limits (so they hold for the whole
@@ -14,8 +14,8 @@ gone.
 
 A worker builds its own L{mailplat.platform.Platform} from the same
 configuration (handed to it pickled on its standard input), opens the store
-(never the queue: it queues no mail) and shares the data directory with
-the other processes, as C{twistd mailplat-smtp} and C{twistd mailplat-imap}
+(and, for SMTP, the queue) and shares the data directory with the other
+processes, as C{twistd mailplat-smtp} and C{twistd mailplat-imap}
 do: changes made by one process reach the others' sessions through the
 store (see L{mailplat.interfaces.storage.IMessageStore.addListener}).
 
@@ -24,6 +24,8 @@ The channel, one datagram per message::
     pool -> worker   b"C <listener index> <connection id>"  + one descriptor
     worker -> pool   b"R"                    ready: the store is open
                      b"X <connection id>"    that connection has closed
+                     b"Q"                    mail was queued (SMTP): the queue
+                                             runner, in the main process, looks
                      b"M <json>"             the worker's metrics, whole
 
 A worker's log events come to the pool as JSON on its standard output and
@@ -209,6 +211,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 self.ready = True
                 _log.info("{role} worker {pid} ready", role=self.pool.role, pid=self.pid)
                 self.pool.workerReady()
+            elif kind == b"Q":
+                self.pool.queued()
             elif kind == b"M":
                 try:
                     self.metrics = {(n, tuple(map(tuple, labels))): v for n, labels, v in json.loads(rest)}
@@ -263,7 +267,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
 class WorkerPool(service.Service):
     """
-    The listeners of one role (C{imap} or C{pop3}), and C{processes} worker
+    The listeners of one role (C{smtp}, C{imap} or C{pop3}), and C{processes} worker
     processes serving their connections.  C{reactor} must provide
     C{IReactorProcess} and C{IReactorFDSet} (the POSIX reactors do).
     """
@@ -454,6 +458,12 @@ class WorkerPool(service.Service):
             listener, host = entry
             listener.counter.release(host)
 
+    def queued(self):
+        """A worker has queued mail: the queue runner (in this process) looks for it now."""
+        runner = self.platform.runner
+        if runner is not None:
+            runner.kick()
+
     def signalWorkers(self, name):
         """Send every running worker the signal C{name} (C{"HUP"}, ...)."""
         for w in self.workers:
@@ -493,7 +503,11 @@ class _Worker(service.Service):
     def startService(self):
         service.Service.startService(self)
         self.reactor.addReader(self.reader)
-        d = self.platform.open(queue=False)
+        smtp = self.role == "smtp"
+        d = self.platform.open(queue=smtp)
+        if smtp and hasattr(self.platform.queue, "onCommitted"):
+            # The queue runner is the main process's: it hears of each message.
+            self.platform.queue.onCommitted(lambda entry: self._tell(b"Q"))
         d.addCallbacks(self._ready, self._failed)
 
     def _ready(self, _):

@@ -276,3 +276,52 @@ def _zombie(pid):
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.fixture
+def smtpServer(tmp_path):
+    ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
+    prepareData(tmp_path, ports, USER, PASSWORD, sections={"smtp": "processes = 2"})
+    proc = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports)
+    proc.start(waitFor=["smtp", "imap"])
+    _LOGS["server"], _LOGS["ports"] = proc, ports
+    try:
+        eventually(lambda: len(re.findall(r"smtp worker \d+ ready", proc.output())) == 2, 30, "two SMTP workers")
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_smtpWorkersReceiveAndTheMainProcessDelivers(smtpServer):
+    ports = _LOGS["ports"]
+    pids = workers(smtpServer.proc.pid, "smtp")
+    assert len(pids) == 2
+    a = smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=30)
+    b = smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=30)
+    try:
+        a.ehlo("a.example.net")
+        b.ehlo("b.example.net")
+        assert sorted(established(p, ports["smtp"]) for p in pids) == [1, 1]
+        big = b"".join(b"line %07d of a message bigger than the queue's spill size\r\n" % i for i in range(80000))
+        for i in range(5):
+            a.sendmail("a@example.net", [USER], b"From: a@example.net\r\nSubject: from a %d\r\n\r\nbody\r\n" % i)
+            b.sendmail("b@example.net", [USER], b"From: b@example.net\r\nSubject: from b %d\r\n\r\nbody\r\n" % i)
+        # Over 4 MB: spilled to a file in queue/tmp by the worker while received.
+        a.sendmail("a@example.net", [USER], b"From: a@example.net\r\nSubject: big\r\n\r\n" + big)
+    finally:
+        a.quit()
+        b.quit()
+    imap = login()
+    try:
+        # The queue runner runs in the main process and hears of each message.
+        eventually(lambda: imap.select("INBOX")[1] == [b"11"], 15, "11 messages delivered")
+        typ, data = imap.search(None, "SUBJECT", "big")
+        [num] = data[0].split()
+        typ, data = imap.fetch(num, "(BODY.PEEK[TEXT])")
+        assert data[0][1] == big
+    finally:
+        imap.logout()
+    assert not os.listdir(os.path.join(smtpServer.workdir, "data", "queue", "tmp"))
+    # Each worker received mail (its log lines, relayed by the main process).
+    for pid in pids:
+        assert re.search(rf"\[smtp-worker-{pid}\] SMTP \S+: queued ", smtpServer.output())
