@@ -386,12 +386,10 @@ class Aiosmtpd(Server):
 
     name = "aiosmtpd"
 
-    def __init__(self, base, python=sys.executable, extraConfig="", processes=1, smtpProcesses=1):
+    def __init__(self, base, python=sys.executable, extraConfig=""):
         super().__init__(base)
         self.python = python
         self.extraConfig = extraConfig
-        self.processes = processes
-        self.smtpProcesses = smtpProcesses
         self.port = self.smtpPort = freePorts(1)[0]
         self.maildirPath = os.path.join(self.workdir, "Maildir")
         self.proc = None
