@@ -120,6 +120,63 @@ class QueueTests(unittest.TestCase):
         yield self.assertFailure(self.queue.delete(qid), KeyError)
 
 
+class LeaseTests(unittest.TestCase):
+    """What an SMTP worker process does with the mail it queues."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        base = self.mktemp()
+        self.queue = SQLiteQueue(os.path.join(base, "q"), reactor)
+        self.store = SQLiteStore(os.path.join(base, "s"), reactor)
+        yield self.queue.open()
+        yield self.store.open()
+        self.addCleanup(lambda: self.store.close())
+        self.addCleanup(lambda: self.queue.close())
+        yield self.store.createAccount("a@example.org")
+        self.queue.leaseLocal = 600
+
+    @defer.inlineCallbacks
+    def commit(self, env):
+        t = self.queue.begin(env)
+        t.write(MSG)
+        qid = yield t.commit()
+        return qid
+
+    @defer.inlineCallbacks
+    def test_localMailIsLeasedRemoteMailIsNot(self):
+        local = envelope(LocalDestination("a@example.org"))
+        remote = envelope(LocalDestination("a@example.org"), RemoteDestination("x@example.net"))
+        self.assertTrue(self.queue.leased(local))
+        self.assertFalse(self.queue.leased(remote))
+        lq = yield self.commit(local)
+        rq = yield self.commit(remote)
+        now = reactor.seconds()
+        # A scanning runner sees the remote one at once, the leased one only when its lease runs out.
+        self.assertEqual([e.queueId for e in (yield self.queue.due(now + 1))], [rq])
+        self.assertEqual(sorted(e.queueId for e in (yield self.queue.due(now + 601))), sorted([lq, rq]))
+        self.queue.leaseLocal = 0
+        self.assertFalse(self.queue.leased(local))
+
+    @defer.inlineCallbacks
+    def test_aRunnerWithoutScansDeliversWhatItIsGiven(self):
+        runner = QueueRunner(self.queue, self.store, reactor=reactor, pollInterval=3600, concurrency=1, scan=False)
+        self.queue.onCommitted(runner.take)
+        runner.startService()
+        for _ in range(3):
+            yield self.commit(envelope(LocalDestination("a@example.org")))
+        # One at a time (concurrency 1), the others waiting in memory: all delivered, no scan.
+        for _ in range(50):
+            yield runner.whenIdle()
+            if not runner._waiting:
+                break
+        yield runner.stopService()
+        info = yield self.store.getMailbox("a@example.org", "INBOX")
+        self.assertEqual(info.messages, 3)
+        self.assertEqual((yield self.queue.listEntries()), [])
+        runner.kick()  # never scans
+        self.assertIsNone(runner._scanning)
+
+
 class Tagger:
     name = "tagger"
     errorPolicy = "retry"

@@ -237,16 +237,21 @@ class Platform:
         """Wrap a protocol factory so its connections start with TLS (ports 465, 993, 995)."""
         return TLSMemoryBIOFactory(self.tlsContextFactory(), False, factory)
 
-    def queueRunner(self):
+    def queueRunner(self, scan=True):
+        """
+        The queue runner; with C{scan} false (an SMTP worker process), one
+        that only delivers the local mail handed to it (L{QueueRunner.take})
+        and never scans the queue or sends mail out.
+        """
         from mailplat.queue.notify import Notifier
         from mailplat.queue.runner import QueueRunner
 
         o = self.config.outbound
         return QueueRunner(self.queue, self.store, self.processors, reactor=self.reactor, metrics=self.metrics,
                            retrySchedule=self.config.retry_schedule,
-                           outbound=self.outboundTransport() if o.enabled else None,
+                           outbound=self.outboundTransport() if (o.enabled and scan) else None,
                            notifier=Notifier(self.queue, self.router, self.config.hostname, self.reactor),
-                           maxLifetime=o.max_lifetime, delayWarning=o.delay_warning)
+                           maxLifetime=o.max_lifetime, delayWarning=o.delay_warning, scan=scan)
 
     def outboundTransport(self):
         """The SMTP transport to other servers, built from C{[outbound]}."""

@@ -24,8 +24,9 @@ The channel, one datagram per message::
     pool -> worker   b"C <listener index> <connection id>"  + one descriptor
     worker -> pool   b"R"                    ready: the store is open
                      b"X <connection id>"    that connection has closed
-                     b"Q"                    mail was queued (SMTP): the queue
-                                             runner, in the main process, looks
+                     b"Q"                    mail was queued (SMTP) that the
+                                             worker does not deliver itself: the
+                                             main process's queue runner looks
                      b"M <json>"             the worker's metrics, whole
 
 A worker's log events come to the pool as JSON on its standard output and
@@ -67,6 +68,9 @@ RESTART_MIN, RESTART_MAX = 1.0, 30.0
 STABLE_AFTER = 10.0
 #: How long a stopping pool waits for its workers before SIGKILL.
 STOP_TIMEOUT = 10.0
+#: Seconds new local-only mail stays leased to the SMTP worker that received
+#: it (its own runner delivers it) before the main runner may take it.
+LEASE = 600
 
 
 def socketAddress(description: str):
@@ -293,23 +297,11 @@ class WorkerPool(service.Service):
 
     def privilegedStartService(self):
         # Bind here, before twistd gives up its privileges (ports below 1024).
-        for listener in self.listeners:
-            if listener.sock is None:
-                try:
-                    listener.bind()
-                except Exception:
-                    self._closeListeners()
-                    raise
+        self._bind()
         service.Service.privilegedStartService(self)
 
     def startService(self):
-        for listener in self.listeners:
-            if listener.sock is None:
-                try:
-                    listener.bind()
-                except Exception:
-                    self._closeListeners()
-                    raise
+        self._bind()  # when started without privilegedStartService (embedded)
         service.Service.startService(self)
         self.platform.workerPools.append(self)
         self.platform.metrics.addSource(self._workerMetrics)
@@ -344,6 +336,15 @@ class WorkerPool(service.Service):
         kill = self.reactor.callLater(STOP_TIMEOUT, self._killAll)
         done.addBoth(lambda _: kill.cancel() if kill.active() else None)
         return done
+
+    def _bind(self):
+        for listener in self.listeners:
+            if listener.sock is None:
+                try:
+                    listener.bind()
+                except Exception:
+                    self._closeListeners()
+                    raise
 
     def _killAll(self):
         for w in self.workers:
@@ -499,18 +500,33 @@ class _Worker(service.Service):
         self.reader = _Reader(channel, self.readChannel, "worker-channel")
         self._lastMetrics = None
         self._metricsCall = None
+        self.runner = None
 
     def startService(self):
         service.Service.startService(self)
         self.reactor.addReader(self.reader)
         smtp = self.role == "smtp"
         d = self.platform.open(queue=smtp)
-        if smtp and hasattr(self.platform.queue, "onCommitted"):
-            # The queue runner is the main process's: it hears of each message.
-            self.platform.queue.onCommitted(lambda entry: self._tell(b"Q"))
+        queue = self.platform.queue
+        if smtp and hasattr(queue, "onCommitted"):
+            if hasattr(queue, "leased"):
+                # Mail for local mailboxes only is leased to this process
+                # (out of the main runner's scans for LEASE seconds) and
+                # delivered here; the rest is the main process's runner's.
+                queue.leaseLocal = LEASE
+                self.runner = self.platform.queueRunner(scan=False)
+            queue.onCommitted(self._queued)
         d.addCallbacks(self._ready, self._failed)
 
+    def _queued(self, entry):
+        if self.runner is not None and self.platform.queue.leased(entry.envelope):
+            self.runner.take(entry)
+        else:
+            self._tell(b"Q")
+
     def _ready(self, _):
+        if self.runner is not None:
+            self.runner.startService()
         self._tell(b"R")
         self._sendMetrics()
 
@@ -569,6 +585,8 @@ class _Worker(service.Service):
         service.Service.stopService(self)
         if self._metricsCall is not None and self._metricsCall.active():
             self._metricsCall.cancel()
+        if self.runner is not None and self.runner.running:
+            return self.runner.stopService()
 
 
 class _Told(ProtocolWrapper):

@@ -97,6 +97,18 @@ def prepareData(workdir, ports, user, password, data=None, extra="", sections=No
         assert r.returncode == 0, r.stderr
 
 
+def eventually(check, seconds=10.0, what="condition", interval=0.1):
+    """C{check()}'s first true value, called every C{interval} s; fails after C{seconds}."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds}s")
+        time.sleep(interval)
+
+
 def waitForPort(port, timeout=30.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

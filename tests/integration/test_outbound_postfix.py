@@ -21,7 +21,7 @@ from email import policy
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, freePorts, prepareData
+from helpers import DEFAULT_PORTS, MailplatProcess, PrivatePostfix, eventually, freePorts, prepareData
 
 pytestmark = pytest.mark.integration
 
@@ -134,13 +134,7 @@ def maildirMessages(maildir):
 
 
 def waitFor(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    return eventually(predicate, timeout, what, interval=0.2)
 
 
 def inbox(platform):

@@ -13,12 +13,11 @@ import re
 import signal
 import smtplib
 import socket
-import time
 import urllib.request
 
 import pytest
 
-from helpers import DEFAULT_PORTS, MailplatProcess, freePorts, prepareData
+from helpers import DEFAULT_PORTS, MailplatProcess, eventually, freePorts, mailplatCommand, prepareData
 
 pytestmark = pytest.mark.integration
 
@@ -83,38 +82,37 @@ def established(pid, port):
     return n
 
 
-def eventually(check, seconds=10.0, what="condition"):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {seconds}s")
-        time.sleep(0.1)
-
-
 def login():
     c = imaplib.IMAP4("127.0.0.1", _LOGS["ports"]["imap"], timeout=30)
     c.login(USER, PASSWORD)
     return c
 
 
-@pytest.fixture
-def server(tmp_path):
+def startWithWorkers(tmp_path, sections, extra=""):
+    """A mailplat process with C{sections} (worker counts), once every worker pool is ready."""
     ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    prepareData(tmp_path, ports, USER, PASSWORD, sections={"imap": "processes = 2", "pop3": "processes = 2"},
-                extra=f"[limits]\nconnections_per_ip = {PER_IP}\n")
+    prepareData(tmp_path, ports, USER, PASSWORD, sections=sections, extra=extra)
     proc = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports)
     proc.start(waitFor=["smtp", "imap", "pop3", "http"])
     _LOGS["server"], _LOGS["ports"] = proc, ports
     try:
-        # The listeners accept once a worker is ready; wait for both.
-        eventually(lambda: len(re.findall(r"imap worker \d+ ready", proc.output())) == 2, 30, "two IMAP workers")
-        eventually(lambda: len(re.findall(r"pop3 worker \d+ ready", proc.output())) == 2, 30, "two POP3 workers")
-        yield proc
-    finally:
+        # The listeners accept once a worker is ready; wait for all of them.
+        for role in sections:
+            n = int(re.search(r"processes = (\d+)", sections[role]).group(1))
+            eventually(lambda: len(re.findall(rf"{role} worker \d+ ready", proc.output())) == n, 30,
+                       f"{n} {role} workers")
+    except BaseException:
         proc.stop()
+        raise
+    return proc
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc = startWithWorkers(tmp_path, {"imap": "processes = 2", "pop3": "processes = 2"},
+                            f"[limits]\nconnections_per_ip = {PER_IP}\n")
+    yield proc
+    proc.stop()
 
 
 def test_sessionsAreSpreadOverTheWorkers(server):
@@ -280,19 +278,14 @@ def _zombie(pid):
 
 @pytest.fixture
 def smtpServer(tmp_path):
-    ports = dict(zip(DEFAULT_PORTS, freePorts(len(DEFAULT_PORTS))))
-    prepareData(tmp_path, ports, USER, PASSWORD, sections={"smtp": "processes = 2"})
-    proc = MailplatProcess(str(tmp_path), ["--config", "mailplat.toml"], ports=ports)
-    proc.start(waitFor=["smtp", "imap"])
-    _LOGS["server"], _LOGS["ports"] = proc, ports
-    try:
-        eventually(lambda: len(re.findall(r"smtp worker \d+ ready", proc.output())) == 2, 30, "two SMTP workers")
-        yield proc
-    finally:
-        proc.stop()
+    # Outbound mail goes to a port where nothing listens: it stays queued, tried.
+    proc = startWithWorkers(tmp_path, {"smtp": "processes = 2"},
+                            f'[outbound]\nsmarthost = "127.0.0.1:{freePorts(1)[0]}"\n')
+    yield proc
+    proc.stop()
 
 
-def test_smtpWorkersReceiveAndTheMainProcessDelivers(smtpServer):
+def test_smtpWorkersReceiveAndDeliverLocalMail(smtpServer):
     ports = _LOGS["ports"]
     pids = workers(smtpServer.proc.pid, "smtp")
     assert len(pids) == 2
@@ -325,3 +318,24 @@ def test_smtpWorkersReceiveAndTheMainProcessDelivers(smtpServer):
     # Each worker received mail (its log lines, relayed by the main process).
     for pid in pids:
         assert re.search(rf"\[smtp-worker-{pid}\] SMTP \S+: queued ", smtpServer.output())
+
+
+def test_smtpWorkersLeaveOutgoingMailToTheMainProcess(smtpServer):
+    ports = _LOGS["ports"]
+    with smtplib.SMTP("127.0.0.1", ports["submission"], timeout=30) as s:
+        s.login(USER, PASSWORD)
+        s.sendmail(USER, ["someone@example.net"], b"From: alice@example.org\r\nSubject: out\r\n\r\nbody\r\n")
+    cwd = smtpServer.workdir
+
+    def tried():
+        listing = mailplatCommand(cwd, "--config", "mailplat.toml", "queue", "list").stdout
+        m = re.match(r"(\S+) ", listing)
+        if not m:
+            return None
+        shown = mailplatCommand(cwd, "--config", "mailplat.toml", "queue", "show", m.group(1)).stdout
+        return "attempts:  1" in shown and shown
+
+    # The worker tells the main process, whose runner (the only one that
+    # sends mail out) tries at once, not at its next 30 s scan.
+    shown = eventually(tried, 15, "a delivery attempt by the main process")
+    assert "someone@example.net: deferred" in shown

@@ -17,6 +17,7 @@ configured (C{outbound}); without one they stay deferred with the reason
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 from twisted.application.service import Service
@@ -33,6 +34,9 @@ from mailplat.outbound.client import Recipient, Result
 
 _log = Logger(observer=logObserver)
 
+#: Entries a runner without scans keeps waiting for room (see L{QueueRunner.take}).
+MAX_WAITING = 1024
+
 #: Seconds before a deferred entry is tried again, by attempt number (the last repeats).
 DEFAULT_RETRY_SCHEDULE = (60, 300, 900, 1800, 3600)
 
@@ -47,7 +51,11 @@ class QueueRunner(Service):
 
     def __init__(self, queue, store, processors=(), reactor=None, metrics=None, pollInterval=30.0,
                  concurrency=64, retrySchedule=DEFAULT_RETRY_SCHEDULE, outbound=None, notifier=None,
-                 maxLifetime=5 * 86400, delayWarning=4 * 3600, maxHops=50):
+                 maxLifetime=5 * 86400, delayWarning=4 * 3600, maxHops=50, scan=True):
+        #: False in an SMTP worker process: no scans (the main process's
+        #: runner scans); entries come only through L{take}.
+        self.scan = scan
+        self._waiting = collections.deque()
         self.notifier = notifier
         self.maxLifetime = maxLifetime
         self.delayWarning = delayWarning
@@ -76,6 +84,8 @@ class QueueRunner(Service):
 
     def startService(self):
         Service.startService(self)
+        if not self.scan:
+            return
         if hasattr(self.queue, "onCommitted"):
             self.queue.onCommitted(self._committed)
         self._loop = task.LoopingCall(self.kick)
@@ -84,6 +94,7 @@ class QueueRunner(Service):
 
     def stopService(self):
         Service.stopService(self)
+        self._waiting.clear()  # leased: the scanning runner takes them when the lease runs out
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._wakeCall is not None and self._wakeCall.active():
@@ -107,7 +118,7 @@ class QueueRunner(Service):
 
     def kick(self):
         """Look for due entries now (coalesced: one scan at a time)."""
-        if not self.running:
+        if not self.running or not self.scan:
             return
         if self._scanning is not None:
             self._rescan = True
@@ -137,6 +148,19 @@ class QueueRunner(Service):
             return
         self._start(entry)
 
+    def take(self, entry):
+        """
+        (A runner without scans.)  Process C{entry}, just committed, now or
+        when there is room; past L{MAX_WAITING} waiting it is left to the
+        runner that scans, when the entry's lease runs out.
+        """
+        if not self.running:
+            return
+        if len(self._inFlight) < self.concurrency:
+            self._start(entry)
+        elif len(self._waiting) < MAX_WAITING:
+            self._waiting.append(entry)
+
     def _start(self, entry):
         self._inFlight.add(entry.queueId)
         d = defer.maybeDeferred(self.process, entry)
@@ -156,6 +180,8 @@ class QueueRunner(Service):
 
     def _finished(self, _, queueId):
         self._inFlight.discard(queueId)
+        if self._waiting and self.running and len(self._inFlight) < self.concurrency:
+            self._start(self._waiting.popleft())
         if self._scanning is not None:
             self._finishedDuringScan.add(queueId)
         self._checkIdle()
@@ -166,7 +192,7 @@ class QueueRunner(Service):
 
     def _wakeAt(self, when):
         """Scan again at C{when} (the earliest of the retry times waiting), not only on the next poll."""
-        if not self.running:
+        if not self.running or not self.scan:
             return
         call = self._wakeCall
         if call is not None and call.active():

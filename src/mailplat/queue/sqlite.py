@@ -206,6 +206,14 @@ class SQLiteQueue:
         self._db = Database(self._dbPath, SCHEMA, reactor, "mailplat-queue-writer")
         self.spillSize = spillSize
         self._committedListeners = []
+        #: Seconds a new entry for local mailboxes only stays out of L{due}
+        #: (0: none): an SMTP worker process delivers it itself meanwhile.
+        self.leaseLocal = 0
+
+    def leased(self, envelope) -> bool:
+        """Whether a new entry with C{envelope} is leased (see L{leaseLocal})."""
+        return bool(self.leaseLocal) and all(
+            isinstance(d, LocalDestination) for route in envelope.routes for d in route.destinations)
 
     def open(self):
         os.makedirs(self.messagesDir, exist_ok=True)
@@ -257,10 +265,12 @@ class SQLiteQueue:
                 os.rename(spillPath, path)
             return [path], [self.messagesDir]
 
+        due = now + self.leaseLocal if self.leased(envelope) else now
+
         def apply(db):
             db.execute(
                 "INSERT INTO entries (id, envelope, size, arrival, next_attempt, content) VALUES (?, ?, ?, ?, ?, ?)",
-                (qid, envJson, size, now, now, content if inline else None),
+                (qid, envJson, size, now, due, content if inline else None),
             )
             db.executemany(
                 "INSERT OR IGNORE INTO recipients (entry, address) VALUES (?, ?)",
