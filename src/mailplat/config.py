@@ -54,6 +54,8 @@ class SMTPConfig:
     accept_8bit_headers: bool = False
     #: Worker processes receiving mail (1: the main process does).
     processes: int = 1
+    #: A message for one local mailbox is stored at the end of DATA, without a queue entry.
+    direct_delivery: bool = True
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         bare_line_endings=c.string(smtpT, "bare_line_endings", "smtp", s0.bare_line_endings),
         accept_8bit_headers=c.boolean(smtpT, "accept_8bit_headers", "smtp", s0.accept_8bit_headers),
         processes=c.positiveInt(smtpT, "processes", "smtp", s0.processes),
+        direct_delivery=c.boolean(smtpT, "direct_delivery", "smtp", s0.direct_delivery),
     )
     if smtp.bare_line_endings not in ("refuse", "normalise"):
         c.error("smtp.bare_line_endings", 'must be "refuse" or "normalise"')

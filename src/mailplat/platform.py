@@ -168,7 +168,7 @@ class Platform:
 
         c = self.config.smtp
         return SMTPFactory(
-            hostname=self.config.hostname, portal=self.portal, router=self.router, queue=self.queue,
+            hostname=self.config.hostname, portal=self.portal, router=self.router, queue=self.smtpQueue(),
             sasl=self.smtpSASL(), tlsContextFactory=self.tlsContextFactory(), role=role, hooks=self.hooks,
             maxMessageSize=c.max_message_size, maxRecipients=c.max_recipients,
             allowInsecureAuth=self.allowInsecureAuth, metrics=self.metrics, reactor=self.reactor,
@@ -178,6 +178,19 @@ class Platform:
             maxAuthFailures=c.max_auth_failures, normaliseBareLineEndings=c.bare_line_endings == "normalise",
             eightBitHeaders=c.accept_8bit_headers,
         )
+
+    def smtpQueue(self):
+        """
+        What SMTP sessions queue mail into: the queue, behind direct
+        delivery (L{mailplat.queue.direct}) unless C{[smtp] direct_delivery}
+        is off or message processors are configured (they run in the queue
+        runner).
+        """
+        if not self.config.smtp.direct_delivery or self.processors:
+            return self.queue
+        from mailplat.queue.direct import DirectDelivery
+
+        return DirectDelivery(self.queue, self.store, self.metrics)
 
     def smtpSASL(self):
         """

@@ -283,7 +283,7 @@ class QueueRunner(Service):
         params = {rcpt: (env.rcptParams[i] if i < len(env.rcptParams) else {})
                   for i, rcpt in enumerate(env.recipients)}
         done = set(entry.done)
-        if _hops(original) > self.maxHops:
+        if hops(original) > self.maxHops:
             outcome = {destinationKey(d): Outcome("failed", "5.4.6", f"mail loop: more than {self.maxHops} Received: "
                                                                   "headers")
                        for ds in byRecipient.values() for d in ds}
@@ -445,7 +445,7 @@ def destinationKey(dest) -> str:
     return f"remote:{dest.address}"
 
 
-def _hops(message: bytes) -> int:
+def hops(message: bytes) -> int:
     """The number of Received: header fields in the message's header."""
     end = message.find(b"\r\n\r\n")
     header = message if end < 0 else message[:end]
