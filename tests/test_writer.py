@@ -165,3 +165,19 @@ class ReadTests(unittest.TestCase):
     def test_plainReadRunsInAThread(self):
         ident = yield self.db.read(lambda db: threading.get_ident())
         self.assertNotEqual(ident, threading.get_ident())
+
+
+class StoppedWriterTests(unittest.TestCase):
+    def test_aWriteAfterStopFailsAtOnce(self):
+        # A session still open while the server shuts down is answered with
+        # a temporary failure instead of waiting for a commit that never comes.
+        dir = os.path.abspath(self.mktemp())
+        os.makedirs(dir)
+        db = Database(os.path.join(dir, "t.sqlite"), SCHEMA, reactor, "test-stopped")
+        db.start()
+        stopped = db.stop()
+        cleaned = []
+        d = db.submit(WriteOp(lambda c: None, onFailure=lambda: cleaned.append(True)))
+        self.failureResultOf(d, TemporaryStoreFailure)
+        self.assertEqual(cleaned, [True])
+        return stopped

@@ -290,6 +290,7 @@ class Writer:
             threading.Thread(target=self._runCompletion, name=name + "-done", daemon=True),
         ]
         self._started = False
+        self._stopped = False
 
     def start(self):
         for t in self._threads:
@@ -298,6 +299,7 @@ class Writer:
 
     def stop(self):
         """Finish queued work; fires (on the reactor) when the threads have ended."""
+        self._stopped = True
         if not self._started:
             return defer.succeed(None)
         d = defer.Deferred()
@@ -312,6 +314,12 @@ class Writer:
         return d
 
     def submit(self, op: WriteOp):
+        if self._stopped:
+            # Nothing would ever commit it: a session still open while the
+            # server shuts down gets its temporary failure at once.
+            if op.onFailure is not None:
+                op.onFailure()
+            return defer.fail(TemporaryStoreFailure("the store is closed"))
         (self._fileQueue if op.prepare is not None else self._queue).put(op)
         return op.deferred
 
