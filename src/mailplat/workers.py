@@ -39,6 +39,7 @@ the main process is passed on (the TLS pair is reloaded everywhere).
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
@@ -535,10 +536,13 @@ class _Worker(service.Service):
         self.reactor.stop()
 
     def _tell(self, message):
+        # A blocking send: a message the main process has not read yet
+        # (its socket buffer full) is waited for, never dropped -- a lost
+        # "closed" would hold a connection slot of [limits] for good.
         try:
             self.channel.send(message)
         except OSError:
-            pass
+            pass  # the main process has gone: readChannel stops this one
 
     def _sendMetrics(self):
         snapshot = [[n, [list(p) for p in labels], v] for (n, labels), v in self.platform.metrics.snapshot().items()]
@@ -550,7 +554,7 @@ class _Worker(service.Service):
     def readChannel(self):
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.channel, 256, 4)
+                data, fds = _receive(self.channel)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -587,6 +591,20 @@ class _Worker(service.Service):
             self._metricsCall.cancel()
         if self.runner is not None and self.runner.running:
             return self.runner.stopService()
+
+
+def _receive(channel, maxfds=4):
+    """
+    One message and the descriptors it carries, without waiting (the
+    channel itself blocks, for sends; socket.recv_fds ignores its flags on
+    some Python versions, so recvmsg directly).
+    """
+    fds = array.array("i")
+    data, ancdata, _, _ = channel.recvmsg(256, socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_DONTWAIT)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 class _Told(ProtocolWrapper):
@@ -629,7 +647,7 @@ def main():
     from mailplat.platform import Platform, _ReloadOnHangup
 
     channel = socket.socket(fileno=CHANNEL_FD)
-    channel.setblocking(False)
+    channel.setblocking(True)  # sends wait (see _Worker._tell); reads never do (MSG_DONTWAIT)
     platform = Platform(spec["config"], reactor=reactor)
     root = service.MultiService()
     _ReloadOnHangup(platform).setServiceParent(root)
