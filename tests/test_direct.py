@@ -1,16 +1,14 @@
 """Direct delivery (mailplat.queue.direct): one local mailbox at the end of DATA, the queue for the rest."""
 
-import os
-
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailplat.interfaces.queue import Envelope
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
 from mailplat.metrics import Metrics
 from mailplat.queue.direct import DirectDelivery
-from mailplat.queue.sqlite import SQLiteQueue
-from mailplat.store.sqlite import SQLiteStore
+
+from queuestore import openQueueAndStore
 
 MSG = b"Received: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: d\r\n\r\nbody\r\n"
 A = "a@example.org"
@@ -25,14 +23,7 @@ def envelope(*routes, recipients=None, rcptParams=()):
 class DirectDeliveryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        base = self.mktemp()
-        self.queue = SQLiteQueue(os.path.join(base, "q"), reactor)
-        self.store = SQLiteStore(os.path.join(base, "s"), reactor)
-        yield self.queue.open()
-        yield self.store.open()
-        self.addCleanup(lambda: self.store.close())
-        self.addCleanup(lambda: self.queue.close())
-        yield self.store.createAccount(A)
+        yield openQueueAndStore(self, [A])
         self.metrics = Metrics()
         self.front = DirectDelivery(self.queue, self.store, self.metrics, maxSize=1000)
 

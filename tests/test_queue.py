@@ -7,7 +7,8 @@ from mailplat.interfaces.queue import Envelope
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
 from mailplat.queue.runner import QueueRunner
 from mailplat.queue.sqlite import SQLiteQueue
-from mailplat.store.sqlite import SQLiteStore
+
+from queuestore import openQueueAndStore
 
 MSG = b"Subject: q\r\n\r\nbody\r\n"
 
@@ -125,14 +126,7 @@ class LeaseTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        base = self.mktemp()
-        self.queue = SQLiteQueue(os.path.join(base, "q"), reactor)
-        self.store = SQLiteStore(os.path.join(base, "s"), reactor)
-        yield self.queue.open()
-        yield self.store.open()
-        self.addCleanup(lambda: self.store.close())
-        self.addCleanup(lambda: self.queue.close())
-        yield self.store.createAccount("a@example.org")
+        yield openQueueAndStore(self, ["a@example.org"])
         self.queue.leaseLocal = 600
 
     @defer.inlineCallbacks
@@ -204,15 +198,7 @@ class Broken:
 class RunnerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        base = self.mktemp()
-        self.queue = SQLiteQueue(os.path.join(base, "q"), reactor)
-        self.store = SQLiteStore(os.path.join(base, "s"), reactor)
-        yield self.queue.open()
-        yield self.store.open()
-        self.addCleanup(lambda: self.store.close())
-        self.addCleanup(lambda: self.queue.close())
-        for u in ("a@example.org", "b@example.org"):
-            yield self.store.createAccount(u)
+        yield openQueueAndStore(self, ["a@example.org", "b@example.org"])
 
     @defer.inlineCallbacks
     def runEntry(self, env, processors=()):

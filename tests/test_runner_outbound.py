@@ -5,19 +5,18 @@ back with Python's email package).
 """
 
 import email
-import os
 from email import policy
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
+
+from queuestore import openQueueAndStore
 
 from mailplat.interfaces.queue import Envelope
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
 from mailplat.outbound.client import Result
 from mailplat.queue.notify import Notifier
 from mailplat.queue.runner import QueueRunner
-from mailplat.queue.sqlite import SQLiteQueue
-from mailplat.store.sqlite import SQLiteStore
 from mailplat.testing import StaticRouter
 
 MSG = b"From: sender@example.org\r\nTo: x@remote.test\r\nSubject: outbound\r\n\r\nhello\r\n"
@@ -44,15 +43,7 @@ class RunnerOutboundTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        base = self.mktemp()
-        self.queue = SQLiteQueue(os.path.join(base, "q"), reactor)
-        self.store = SQLiteStore(os.path.join(base, "s"), reactor)
-        yield self.queue.open()
-        yield self.store.open()
-        self.addCleanup(lambda: self.store.close())
-        self.addCleanup(lambda: self.queue.close())
-        yield self.store.createAccount("sender@example.org")
-        yield self.store.createAccount("local@example.org")
+        yield openQueueAndStore(self, ["sender@example.org", "local@example.org"])
         self.router = StaticRouter(domains=["example.org"], users=["sender@example.org", "local@example.org"])
         self.transport = ScriptedTransport({})
 
