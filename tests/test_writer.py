@@ -118,12 +118,7 @@ class WriterTests(unittest.TestCase):
 
 
 class ReadTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.db = Database(os.path.join(self.dir, "t.sqlite"), SCHEMA, reactor, "test-reads")
-        self.db.start()
-        self.addCleanup(self.db.stop)
+    setUp = WriterTests.setUp
 
     def test_inlineReadAnswersAtOnceInTheCallingThread(self):
         seen = []
