@@ -162,7 +162,10 @@ class _Listener:
                     return
                 if e.errno in (errno.ECONNABORTED, errno.EPERM, errno.EPROTO):
                     continue
-                raise
+                # Anything else: logged, and the listener stays (an exception
+                # here would make the reactor drop it for good).
+                _log.error("{kind}: accept failed: {err}", kind=self.kind, err=e)
+                return
             self.pool.dispatch(self, conn, addr[0])
 
     def refuse(self, conn):
