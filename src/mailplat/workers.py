@@ -241,7 +241,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
     def connectionMade(self):
         self.pid = self.transport.pid
-        self.transport.write(self.pool.spec(self.slot))
+        self.transport.write(self.pool.spec())
         self.transport.closeStdin()
 
     def outReceived(self, data):
@@ -366,9 +366,9 @@ class WorkerPool(service.Service):
 
     # --- workers ----------------------------------------------------------------
 
-    def spec(self, slot):
+    def spec(self):
         """What a worker reads on its standard input: pickled configuration and role."""
-        return pickle.dumps({"config": self.platform.config, "role": self.role, "slot": slot,
+        return pickle.dumps({"config": self.platform.config, "role": self.role,
                              "path": [p for p in sys.path if p]})
 
     def _spawn(self, slot):
