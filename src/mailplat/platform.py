@@ -100,6 +100,7 @@ class Platform:
             raise plugins.PluginError("\n".join(errors))
         self._tls = None
         self._opened = None
+        self._withQueue = True  # whether open() opened the queue (close() closes what it opened)
         #: The queue runner of L{makeService} (SMTP role), when there is one.
         self.runner = None
         #: The running L{mailplat.workers.WorkerPool}s (they add themselves).
@@ -148,8 +149,8 @@ class Platform:
 
     def open(self, queue=True):
         """
-        Open the store and (unless C{queue} is false: worker processes of
-        IMAP and POP3, which never queue mail) the queue, once; fires when
+        Open the store and (unless C{queue} is false: a process without the
+        SMTP role, which never queues mail) the queue, once; fires when
         both are ready.
         """
         if self._opened is None:
@@ -160,7 +161,7 @@ class Platform:
 
     @defer.inlineCallbacks
     def close(self):
-        parts = [self.store.close()] + ([self.queue.close()] if getattr(self, "_withQueue", True) else [])
+        parts = [self.store.close()] + ([self.queue.close()] if self._withQueue else [])
         yield defer.gatherResults(parts, consumeErrors=True)
 
     def smtpFactory(self, role="mx"):
