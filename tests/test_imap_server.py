@@ -355,6 +355,40 @@ class FetchTests(Base):
         out = self.c.ok(b"b FETCH 1 ALL")
         assert b"ENVELOPE (" in out and b"RFC822.SIZE" in out
 
+    def test_envelopes_kept_by_the_store(self):
+        """
+        A store that keeps formatted envelopes (IEnvelopeStore) answers FETCH
+        ENVELOPE from them; a message it has none for is analysed instead.
+        """
+        from dataclasses import replace
+
+        from zope.interface import alsoProvides
+
+        from mailplat.interfaces.storage import IEnvelopeStore
+
+        self.append(MESSAGE)
+        calls = []
+        fetchMeta = self.store.fetchMeta
+
+        def withEnvelopes(user, mailbox, uids=None, withStructure=False, changedSince=None, withEnvelope=False):
+            calls.append((withStructure, withEnvelope))
+            d = fetchMeta(user, mailbox, uids, withStructure, changedSince)
+            if withEnvelope:
+                d.addCallback(lambda metas: [replace(m, envelope=b"(KEPT)" if m.uid == 1 else None) for m in metas])
+            return d
+
+        self.store.fetchMeta = withEnvelopes
+        alsoProvides(self.store, IEnvelopeStore)
+        self.c.ok(b"n NOOP")
+        out = self.c.ok(b"a FETCH 1:2 (FLAGS ENVELOPE)")
+        assert b"* 1 FETCH (FLAGS (\\Recent) ENVELOPE (KEPT))\r\n" in out, out
+        assert b'* 2 FETCH (FLAGS (\\Recent) ENVELOPE ("Tue, 2 Jan 2024 10:00:00 +0000" "Quarterly report"' in out, out
+        assert calls == [(False, True)]
+        # Anything else that needs the structure reads it, as before.
+        out = self.c.ok(b"b FETCH 1 (ENVELOPE BODYSTRUCTURE)")
+        assert b"ENVELOPE (KEPT)" not in out and b'"Quarterly report"' in out
+        assert calls[-1] == (True, False)
+
     def test_envelope_and_bodystructure(self):
         out = self.c.ok(b"a FETCH 1 (ENVELOPE BODYSTRUCTURE BODY)")
         assert (

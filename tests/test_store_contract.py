@@ -20,6 +20,7 @@ from mailplat.interfaces.storage import (
     MailboxNotEmpty,
     IBatchReadStore,
     IContentStore,
+    IEnvelopeStore,
     IQuotaStore,
     ISearchIndex,
     IVanishedStore,
@@ -404,12 +405,39 @@ class StoreContractMixin:
         self.assertEqual(renames, [("A", "C"), ("A/B", "C/B")])
 
 
+class EnvelopeStoreContractMixin:
+    """L{IEnvelopeStore}, for the backends that provide it."""
+
+    @defer.inlineCallbacks
+    def test_envelopes(self):
+        """A store that keeps envelopes gives each message's, formatted, through append, COPY and MOVE."""
+        from mailplat.imap.fetch import formatEnvelope
+        from mailplat.mime.structure import analyze
+
+        verifyObject(IEnvelopeStore, self.store)
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.append(self.user, "INBOX", b"Subject: two\r\n\r\nsecond\r\n")
+        yield self.store.copy(self.user, "INBOX", [1], "Trash")
+        yield self.store.copy(self.user, "INBOX", [2], "Trash", move=True)
+        expected = formatEnvelope(analyze(MSG)["envelope"])
+        self.assertIn(b'"hello"', expected)
+        [one] = yield self.store.fetchMeta(self.user, "INBOX", [1, 2], withEnvelope=True)
+        self.assertEqual(one.envelope, expected)
+        self.assertIsNone(one.structure)
+        copied = yield self.store.fetchMeta(self.user, "Trash", withEnvelope=True, withStructure=True)
+        self.assertEqual([m.envelope for m in copied],
+                         [expected, formatEnvelope(analyze(b"Subject: two\r\n\r\nsecond\r\n")["envelope"])])
+        self.assertEqual(copied[0].structure["envelope"]["subject"], "hello")
+        [plain] = yield self.store.fetchMeta(self.user, "INBOX", [1])
+        self.assertIsNone(plain.envelope)
+
+
 class MemoryStoreContractTests(StoreContractMixin, unittest.TestCase):
     def makeStore(self):
         return MemoryStore()
 
 
-class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
+class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, unittest.TestCase):
     def makeStore(self):
         self.directory = self.mktemp()
         return SQLiteStore(self.directory, reactor)
@@ -511,6 +539,32 @@ class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
         self.store = SQLiteStore(self.directory, reactor)
         yield self.store.open()
 
+    @defer.inlineCallbacks
+    def test_envelopesOfAnOlderIndex(self):
+        """
+        An index from before envelopes were kept gets the column at open; its
+        rows' envelopes come from their structure, or are None without one.
+        """
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.close()
+        path = os.path.join(self.directory, "index.sqlite")
+        db = sqlite3.connect(path)
+        try:
+            db.execute("ALTER TABLE messages DROP COLUMN envelope")
+            db.execute("UPDATE messages SET structure=NULL WHERE uid=2")
+            db.commit()
+        finally:
+            db.close()
+        self.store = SQLiteStore(self.directory, reactor)
+        yield self.store.open()
+        one, two = yield self.store.fetchMeta(self.user, "INBOX", withEnvelope=True)
+        self.assertIn(b'"hello"', one.envelope)
+        self.assertIsNone(two.envelope)
+        yield self.store.append(self.user, "INBOX", MSG)
+        [three] = yield self.store.fetchMeta(self.user, "INBOX", [3], withEnvelope=True)
+        self.assertEqual(three.envelope, one.envelope)
+
     def blobCount(self):
         db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
         try:
@@ -593,7 +647,7 @@ class SQLiteStoreContractTests(StoreContractMixin, unittest.TestCase):
                 self.assertNotIn("evil", name)
 
 
-class SQLiteFileStoreContractTests(StoreContractMixin, unittest.TestCase):
+class SQLiteFileStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, unittest.TestCase):
     """The whole contract again with every message in a file of its own."""
 
     def makeStore(self):

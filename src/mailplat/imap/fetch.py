@@ -260,9 +260,13 @@ class FetchPlan:
         self.needsContent = bool(
             names & {"BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY[]", "BINARY.SIZE"}
         )
-        self.needsStructure = bool(
-            names & {"ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.HEADER", "RFC822.TEXT"}
-        ) or any(a.name in ("BODY[]", "BINARY[]", "BINARY.SIZE") and (a.section.part or a.section.text) for a in atts)
+        otherStructure = bool(names & {"BODYSTRUCTURE", "BODY", "RFC822.HEADER", "RFC822.TEXT"}) or any(
+            a.name in ("BODY[]", "BINARY[]", "BINARY.SIZE") and (a.section.part or a.section.text) for a in atts
+        )
+        self.needsStructure = otherStructure or "ENVELOPE" in names
+        #: The analysis is needed for ENVELOPE alone: a store that keeps
+        #: envelopes formatted (L{IEnvelopeStore}) can answer without it.
+        self.envelopeOnly = "ENVELOPE" in names and not otherStructure and not self.needsContent
         self.setsSeen = not readOnly and any(
             (a.name in ("BODY[]", "BINARY[]") and not a.peek) or a.name in ("RFC822", "RFC822.TEXT") for a in atts
         )
@@ -329,7 +333,8 @@ class FetchPlan:
                 out.append((att.responseName().encode("ascii"), b"%d" % len(data or b"")))
 
             elif name == "ENVELOPE":
-                out.append((b"ENVELOPE", formatEnvelope(structure["envelope"])))
+                envelope = meta.envelope
+                out.append((b"ENVELOPE", envelope if envelope is not None else formatEnvelope(structure["envelope"])))
             elif name == "BODYSTRUCTURE":
                 out.append((b"BODYSTRUCTURE", formatBodyStructure(structure["body"], True)))
             elif name == "BODY":

@@ -98,6 +98,7 @@ from mailplat.interfaces.storage import (
     SYSTEM_FLAGS,
     IBatchReadStore,
     IContentStore,
+    IEnvelopeStore,
     IQuotaStore,
     ISearchIndex,
     IVanishedStore,
@@ -1204,9 +1205,14 @@ class IMAPServerProtocol(Protocol):
         uids = [u for _, u in targets]
         if len(uids) == len(sel.uids):
             uids = None  # the whole mailbox: no need to send the list down
-        metas = await store.fetchMeta(
-            self._user, sel.name, uids, withStructure=plan.needsStructure, changedSince=changedSince
-        )
+        if plan.envelopeOnly and IEnvelopeStore.providedBy(store):
+            metas = await store.fetchMeta(self._user, sel.name, uids, changedSince=changedSince, withEnvelope=True)
+            envelopes = True
+        else:
+            metas = await store.fetchMeta(
+                self._user, sel.name, uids, withStructure=plan.needsStructure, changedSince=changedSince
+            )
+            envelopes = False
         if sel is not self._selected:
             return ("NO", "Mailbox closed meanwhile")
         byUid = {m.uid: m for m in metas}
@@ -1232,9 +1238,12 @@ class IMAPServerProtocol(Protocol):
                     if changedSince is None:
                         missing = True
                     continue
-                structure = meta.structure if plan.needsStructure else None
+                # With envelopes from the store, a message it has none for
+                # is analysed here (found stale: no structure was read).
+                needsStructure = plan.needsStructure and not (envelopes and meta.envelope is not None)
+                structure = meta.structure if needsStructure else None
                 content = None
-                stale = plan.needsStructure and not (
+                stale = needsStructure and not (
                     isinstance(structure, dict) and structure.get("version") == fetchmod.STRUCTURE_VERSION
                 )
                 streamAtt = None
@@ -1249,7 +1258,7 @@ class IMAPServerProtocol(Protocol):
                         missing = True
                         continue
                     streamAtt = None
-                if plan.needsStructure:
+                if needsStructure:
                     structure = fetchmod.ensureStructure(structure, content)
                 flags = sel.flagsOf(uid, meta.flags)
                 try:

@@ -165,6 +165,9 @@ class MessageMeta:
     size: int
     modseq: int
     structure: Optional[dict] = field(default=None, compare=False)
+    #: The message's ENVELOPE in IMAP syntax (RFC 3501 §7.4.2), from
+    #: L{IEnvelopeStore.fetchMeta} with C{withEnvelope=True}; else C{None}.
+    envelope: Optional[bytes] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,23 @@ class IVanishedStore(Interface):
         Fires with the ascending UIDs expunged from C{mailbox} whose expunge
         MODSEQ is greater than C{modseq} (for a store that forgot some,
         possibly more UIDs than that: never fewer).
+        """
+
+
+class IEnvelopeStore(Interface):
+    """
+    Optional: keeps each message's IMAP ENVELOPE formatted (as Dovecot's
+    index cache keeps C{imap.envelope}), so FETCH ENVELOPE reads a few
+    bytes per message instead of decoding its whole structure.
+    """
+
+    def fetchMeta(user, mailbox, uids=None, withStructure=False, changedSince=None, withEnvelope=False):
+        """
+        L{IMessageStore.fetchMeta}; with C{withEnvelope}, each
+        L{MessageMeta} carries C{envelope}: the bytes
+        L{mailplat.imap.fetch.formatEnvelope} makes of the message's
+        analysis, or C{None} for a message the store has none for (the
+        caller then analyses the message itself).
         """
 
 

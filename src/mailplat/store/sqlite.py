@@ -26,6 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -39,6 +40,7 @@ from mailplat.interfaces.storage import (
     SelectData,
     FlagChange,
     IContentStore,
+    IEnvelopeStore,
     IMessageStore,
     IQuotaStore,
     ISearchIndex,
@@ -93,6 +95,7 @@ CREATE TABLE IF NOT EXISTS messages (
     recent INTEGER NOT NULL DEFAULT 1,
     deliveryid TEXT,
     structure TEXT,
+    envelope BLOB,
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_delivery ON messages (mailbox, deliveryid)
@@ -356,11 +359,32 @@ def _flagsSet(text: str) -> frozenset:
 _newMeta = MessageMeta.__new__
 
 
-def _meta(uid, flags, date, size, modseq, structure=None) -> MessageMeta:
+def _meta(uid, flags, date, size, modseq, structure=None, envelope=None) -> MessageMeta:
     """A L{MessageMeta} built without the frozen dataclass's per-field setattr (FETCH of 100,000 messages)."""
     m = _newMeta(MessageMeta)
-    m.__dict__.update(uid=uid, flags=flags, internalDate=date, size=size, modseq=modseq, structure=structure)
+    m.__dict__.update(
+        uid=uid, flags=flags, internalDate=date, size=size, modseq=modseq, structure=structure, envelope=envelope
+    )
     return m
+
+
+def _migrate(db) -> None:
+    """Bring an index made by an older version up to date (in place, at open)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    if "envelope" not in columns:
+        # Rows from before have none: fetchMeta formats theirs from the
+        # structure when asked.
+        db.execute("ALTER TABLE messages ADD COLUMN envelope BLOB")
+
+
+def _envelopeOf(structure) -> Optional[bytes]:
+    """The formatted IMAP ENVELOPE of an analysis, or None if it is not a current one."""
+    from mailplat.imap.fetch import formatEnvelope
+    from mailplat.mime.structure import STRUCTURE_VERSION
+
+    if not isinstance(structure, dict) or structure.get("version") != STRUCTURE_VERSION:
+        return None
+    return formatEnvelope(structure["envelope"])
 
 
 def _analyze(content: bytes):
@@ -381,7 +405,9 @@ def _hasFTS5() -> bool:
         return False
 
 
-@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore)
+@implementer(
+    IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore, IEnvelopeStore
+)
 class SQLiteStore:
     """
     An L{IMessageStore} in C{directory} (created if missing).
@@ -442,7 +468,8 @@ class SQLiteStore:
         self._fts = bool(fulltext) and _hasFTS5()
         self.inlineMax = self.INLINE_MAX if inlineMax is None else int(inlineMax)
         self._db = Database(
-            self._dbPath, SCHEMA + (FTS_SCHEMA if self._fts else NO_FTS_SCHEMA), reactor, "mailplat-store-writer"
+            self._dbPath, SCHEMA + (FTS_SCHEMA if self._fts else NO_FTS_SCHEMA), reactor, "mailplat-store-writer",
+            migrate=_migrate,
         )
         self._listeners = Listeners()
         self._pollCall = None
@@ -874,6 +901,7 @@ class SQLiteStore:
             state["size"] = len(content)
             structure = _analyze(content)
             state["structure"] = json.dumps(structure, separators=(",", ":"))
+            state["envelope"] = _envelopeOf(structure)
             state["index"] = _indexRow(content, structure)
             return synced, dirs
 
@@ -894,9 +922,10 @@ class SQLiteStore:
             else:
                 rel = os.path.relpath(state["path"], self._messagesDir)
             db.execute(
-                "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, deliveryid, structure)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, uidnext, rel, state["size"], date, modseq, flagsText, deliveryId, state["structure"]),
+                "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, deliveryid, structure,"
+                " envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mid, uidnext, rel, state["size"], date, modseq, flagsText, deliveryId, state["structure"],
+                 state["envelope"]),
             )
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext + 1, modseq, mid))
             _insertIndex(db, mid, uidnext, *state["index"])
@@ -918,12 +947,19 @@ class SQLiteStore:
 
         return self._write(apply, prepare, after, onFailure, events)
 
-    def fetchMeta(self, user, mailbox, uids=None, withStructure=False, changedSince=None):
+    def fetchMeta(self, user, mailbox, uids=None, withStructure=False, changedSince=None, withEnvelope=False):
         wanted = None if uids is None else sorted(set(uids))
 
         def run(db):
             mid = self._mailboxRow(db, user, mailbox)[0]
-            cols = "uid, flags, internaldate, size, modseq" + (", structure" if withStructure else "")
+            cols = "uid, flags, internaldate, size, modseq"
+            if withStructure:
+                cols += ", structure"
+            elif withEnvelope:
+                # The structure only of rows stored before envelopes were kept.
+                cols += ", CASE WHEN envelope IS NULL THEN structure END"
+            if withEnvelope:
+                cols += ", envelope"
             sql = f"SELECT {cols} FROM messages WHERE mailbox=?"
             args = [mid]
             if changedSince is not None:
@@ -936,6 +972,15 @@ class SQLiteStore:
             if wanted is not None and len(wanted) > 500:
                 keep = set(wanted)
                 rows = [r for r in rows if r[0] in keep]
+            if withEnvelope:
+                out = []
+                for uid, flags, date, size, modseq, structure, envelope in rows:
+                    structure = json.loads(structure) if structure else None
+                    if envelope is None:
+                        envelope = _envelopeOf(structure)
+                    out.append(_meta(uid, _flagsSet(flags), date, size, modseq,
+                                     structure if withStructure else None, envelope))
+                return out
             if not withStructure:
                 return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4]) for r in rows]
             return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4], json.loads(r[5]) if r[5] else None) for r in rows]
@@ -1150,13 +1195,13 @@ class SQLiteStore:
             dst = self._mailboxRow(db, user, destination)
             state["src"], state["dst"] = src[1], dst[1]
             linked = dict(state["links"])
-            rows = self._rowsFor(db, src[0], wanted, "uid, file, size, internaldate, flags, structure")
+            rows = self._rowsFor(db, src[0], wanted, "uid, file, size, internaldate, flags, structure, envelope")
             if not move:
                 self._checkQuota(db, user, sum(r[2] for r in rows), len(rows))
             uidnext, highest = dst[3], dst[4]
             srcModseq = src[4] + 1
             mapping, removed, metas = [], [], []
-            for uid, rel, size, date, flags, structure in rows:
+            for uid, rel, size, date, flags, structure, envelope in rows:
                 if rel.startswith(":"):
                     cur = db.execute("INSERT INTO blobs (data) SELECT data FROM blobs WHERE id=?", (int(rel[1:]),))
                     if not cur.rowcount:
@@ -1169,9 +1214,9 @@ class SQLiteStore:
                     newRel = os.path.relpath(target, self._messagesDir)
                 highest += 1
                 db.execute(
-                    "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, structure)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (dst[0], uidnext, newRel, size, date, highest, flags, structure),
+                    "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, structure, envelope)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (dst[0], uidnext, newRel, size, date, highest, flags, structure, envelope),
                 )
                 cols = ", ".join(_INDEX_COLUMNS)
                 db.execute(

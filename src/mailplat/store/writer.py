@@ -172,12 +172,15 @@ class Database:
     """
     One SQLite database used from Twisted: a L{Writer} thread for changes
     (group commit) and the reactor's thread pool for reads, one connection
-    per thread, each read in its own transaction.
+    per thread, each read in its own transaction.  C{schema} (a script of
+    C{CREATE ... IF NOT EXISTS}) runs at start, then C{migrate(connection)}
+    if given, which brings a database made by an older version up to date.
     """
 
-    def __init__(self, path: str, schema: str, reactor, name: str):
+    def __init__(self, path: str, schema: str, reactor, name: str, migrate=None):
         self.path = path
         self._schema = schema
+        self._migrate = migrate
         self._reactor = reactor
         self.writer = Writer(path, reactor, name=name)
         self._local = threading.local()
@@ -186,6 +189,8 @@ class Database:
         db = connect(self.path)
         try:
             db.executescript(self._schema)
+            if self._migrate is not None:
+                self._migrate(db)
         finally:
             db.close()
         self.writer.start()
