@@ -135,6 +135,23 @@ class StoreFsckTests(unittest.TestCase):
         self.assertEqual(os.path.getsize(path), 5)
         self.assertEqual(rows(self.dir, "SELECT COUNT(*) FROM messages"), [(4,)])
 
+    def test_mailboxCountsRecounted(self):
+        db = sqlite3.connect(os.path.join(self.dir, "index.sqlite"))
+        try:
+            db.execute("UPDATE mailboxes SET nmessages=9, nunseen=0 WHERE name='INBOX'")
+            db.commit()
+        finally:
+            db.close()
+        [finding] = checkStore(self.dir, repair=False).findings
+        self.assertEqual(finding.kind, "mailbox-counts")
+        self.assertIn("INBOX: the index keeps 9 messages, 0 unseen", finding.detail)
+        self.assertIn("there are 4, 4,", finding.detail)
+        self.assertEqual(rows(self.dir, "SELECT nmessages FROM mailboxes WHERE name='INBOX'"), [(9,)])
+        [finding] = checkStore(self.dir).findings
+        self.assertEqual(finding.action, "recounted")
+        self.assertEqual(rows(self.dir, "SELECT nmessages, nunseen FROM mailboxes WHERE name='INBOX'"), [(4, 4)])
+        self.assertTrue(checkStore(self.dir).clean)
+
     def test_corruptDatabaseReportedNotRepaired(self):
         os.unlink(fileOf(self.dir, 1))
         [(root,)] = rows(self.dir, "SELECT rootpage FROM sqlite_master WHERE name='messages_modseq'")

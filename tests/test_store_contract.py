@@ -565,6 +565,79 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         [three] = yield self.store.fetchMeta(self.user, "INBOX", [3], withEnvelope=True)
         self.assertEqual(three.envelope, one.envelope)
 
+    def keptCounts(self):
+        """Each mailbox's kept (count, unseen, size) and the same counted from its messages."""
+        db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+        try:
+            kept = db.execute("SELECT name, nmessages, nunseen, nsize FROM mailboxes ORDER BY name").fetchall()
+            counted = db.execute(
+                "SELECT b.name, COUNT(m.uid), COALESCE(SUM(m.flags NOT LIKE '%\\Seen%'), 0),"
+                " COALESCE(SUM(m.size), 0) FROM mailboxes b LEFT JOIN messages m ON m.mailbox=b.id"
+                " GROUP BY b.id ORDER BY b.name"
+            ).fetchall()
+        finally:
+            db.close()
+        return kept, counted
+
+    @defer.inlineCallbacks
+    def test_mailboxCountsFollowEveryChange(self):
+        """STATUS and LIST read counts kept in the mailbox rows: they stay true through every kind of change."""
+        big = b"Subject: big\r\n\r\n" + b"y" * 300
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.append(self.user, "INBOX", big, flags=["\\Seen"])
+        yield self.store.append(self.user, "INBOX", MSG, flags=["$Label"])
+        yield self.store.createMailbox(self.user, "Work")
+        yield self.store.append(self.user, "Work", MSG)
+        info = yield self.store.getMailbox(self.user, "INBOX")
+        self.assertEqual((info.messages, info.unseen, info.size), (3, 2, 2 * len(MSG) + len(big)))
+        yield self.store.storeFlags(self.user, "INBOX", [1], "add", ["\\Seen", "\\Flagged"])
+        yield self.store.storeFlags(self.user, "INBOX", [3], "add", ["\\Answered"])  # \Seen untouched
+        yield self.store.storeFlags(self.user, "INBOX", [2], "set", ["\\Deleted"])
+        yield self.store.copy(self.user, "INBOX", [1, 2], "Work")
+        yield self.store.copy(self.user, "INBOX", [3], "Trash", move=True)
+        yield self.store.expunge(self.user, "INBOX")
+        yield self.store.storeFlags(self.user, "Work", [1], "add", ["\\Deleted"])
+        yield self.store.expunge(self.user, "Work", [1])
+        infos = {i.name: i for i in (yield self.store.listMailboxes(self.user))}
+        self.assertEqual((infos["INBOX"].messages, infos["INBOX"].unseen), (1, 0))
+        self.assertEqual((infos["Work"].messages, infos["Work"].unseen, infos["Work"].size),
+                         (2, 1, len(MSG) + len(big)))
+        self.assertEqual((infos["Trash"].messages, infos["Trash"].unseen), (1, 1))
+        yield self.store.renameMailbox(self.user, "INBOX", "Old")
+        yield self.store.renameMailbox(self.user, "Work", "Done")
+        kept, counted = self.keptCounts()
+        self.assertEqual(kept, counted)
+        self.assertIn(("Done", 2, 1, len(MSG) + len(big)), kept)
+        self.assertIn(("Old", 1, 0, len(MSG)), kept)
+        yield self.store.deleteMailbox(self.user, "Done")
+        kept, counted = self.keptCounts()
+        self.assertEqual(kept, counted)
+        self.assertNotIn("Done", [k[0] for k in kept])
+
+    @defer.inlineCallbacks
+    def test_mailboxCountsOfAnOlderIndex(self):
+        """An index from before the kept counts gets them, counted, at open; and they follow changes."""
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.append(self.user, "INBOX", MSG, flags=["\\Seen"])
+        yield self.store.close()
+        db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+        try:
+            for trigger in ("messages_count_insert", "messages_count_delete", "messages_count_update"):
+                db.execute(f"DROP TRIGGER {trigger}")
+            for column in ("nmessages", "nunseen", "nsize"):
+                db.execute(f"ALTER TABLE mailboxes DROP COLUMN {column}")
+            db.commit()
+        finally:
+            db.close()
+        self.store = SQLiteStore(self.directory, reactor)
+        yield self.store.open()
+        info = yield self.store.getMailbox(self.user, "INBOX")
+        self.assertEqual((info.messages, info.unseen, info.size), (2, 1, 2 * len(MSG)))
+        yield self.store.append(self.user, "INBOX", MSG)
+        kept, counted = self.keptCounts()
+        self.assertEqual(kept, counted)
+        self.assertIn(("INBOX", 3, 2, 3 * len(MSG)), kept)
+
     def blobCount(self):
         db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
         try:

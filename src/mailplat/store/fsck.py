@@ -22,6 +22,9 @@ Checks, in order, for the store (L{checkStore}) and the queue
     removed from the index.
   - Files (or content in the index) whose size differs from the size in
     the index ("size-mismatch"): reported only; it is the only copy.
+  - A mailbox whose kept message count, unseen count or total size (what
+    STATUS and LIST show) differs from its messages ("mailbox-counts"):
+    recounted.
 
 With C{repair=False} everything is reported and nothing changed.
 
@@ -234,9 +237,39 @@ def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: flo
         for blob in blobs:
             if f":{blob}" not in named:
                 _orphanBlob(db, report, directory, repair, blob)
+        _checkCounts(db, report, repair)
     finally:
         db.close()
     return report
+
+
+def _checkCounts(db, report, repair):
+    """The counts each mailbox row keeps for STATUS and LIST, against its messages (one snapshot)."""
+    if "nmessages" not in {r[1] for r in db.execute("PRAGMA table_info(mailboxes)")}:
+        return  # an index from before the counts: the store counts when it opens it
+    db.execute("BEGIN IMMEDIATE" if repair else "BEGIN")
+    try:
+        rows = db.execute(
+            "SELECT b.id, b.user, b.name, b.nmessages, b.nunseen, b.nsize, COUNT(m.uid),"
+            " COALESCE(SUM(m.flags NOT LIKE '%\\Seen%'), 0), COALESCE(SUM(m.size), 0)"
+            " FROM mailboxes b LEFT JOIN messages m ON m.mailbox = b.id GROUP BY b.id ORDER BY b.id"
+        ).fetchall()
+        for mid, user, name, n, unseen, size, realN, realUnseen, realSize in rows:
+            if (n, unseen, size) == (realN, realUnseen, realSize):
+                continue
+            report.add(
+                "mailbox-counts",
+                f"{user}/{name}: the index keeps {n} messages, {unseen} unseen, {size} octets;"
+                f" there are {realN}, {realUnseen}, {realSize}",
+                "recounted" if repair else "kept (check only)",
+            )
+            if repair:
+                db.execute("UPDATE mailboxes SET nmessages=?, nunseen=?, nsize=? WHERE id=?",
+                           (realN, realUnseen, realSize, mid))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _orphanFiles(db, report, directory, messagesDir, files, named, repair, now, grace, namedSQL, kind, what):

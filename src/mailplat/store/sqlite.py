@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS mailboxes (
     uidnext INTEGER NOT NULL DEFAULT 1,
     highestmodseq INTEGER NOT NULL DEFAULT 1,
     specialuse TEXT,
+    -- Kept by the messages_count_* triggers (added by _migrate): STATUS
+    -- and LIST read them instead of counting a mailbox's messages.
+    nmessages INTEGER NOT NULL DEFAULT 0,
+    nunseen INTEGER NOT NULL DEFAULT 0,
+    nsize INTEGER NOT NULL DEFAULT 0,
     UNIQUE (user, name)
 );
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -368,13 +373,60 @@ def _meta(uid, flags, date, size, modseq, structure=None, envelope=None) -> Mess
     return m
 
 
+#: Each mailbox's message count, unseen count and total size, kept in its
+#: row by every insert, delete and move of a message and every change of
+#: its \Seen flag, in the same transaction.  (LIKE is what every reader of
+#: the flags text uses; flags are stored in canonical case.)
+COUNT_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS messages_count_insert AFTER INSERT ON messages BEGIN
+    UPDATE mailboxes SET nmessages=nmessages+1, nunseen=nunseen+(new.flags NOT LIKE '%\\Seen%'),
+        nsize=nsize+new.size WHERE id=new.mailbox;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_count_delete AFTER DELETE ON messages BEGIN
+    UPDATE mailboxes SET nmessages=nmessages-1, nunseen=nunseen-(old.flags NOT LIKE '%\\Seen%'),
+        nsize=nsize-old.size WHERE id=old.mailbox;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_count_update AFTER UPDATE OF mailbox, flags, size ON messages
+    WHEN old.mailbox != new.mailbox OR old.size != new.size
+        OR (old.flags NOT LIKE '%\\Seen%') != (new.flags NOT LIKE '%\\Seen%') BEGIN
+    UPDATE mailboxes SET nmessages=nmessages-1, nunseen=nunseen-(old.flags NOT LIKE '%\\Seen%'),
+        nsize=nsize-old.size WHERE id=old.mailbox;
+    UPDATE mailboxes SET nmessages=nmessages+1, nunseen=nunseen+(new.flags NOT LIKE '%\\Seen%'),
+        nsize=nsize+new.size WHERE id=new.mailbox;
+END;
+"""
+
+#: Recount every mailbox (an index from before the counters, or fsck).
+RECOUNT = """
+UPDATE mailboxes SET
+    nmessages=(SELECT COUNT(*) FROM messages INDEXED BY messages_meta WHERE mailbox=mailboxes.id),
+    nunseen=(SELECT COALESCE(SUM(flags NOT LIKE '%\\Seen%'), 0) FROM messages INDEXED BY messages_meta
+             WHERE mailbox=mailboxes.id),
+    nsize=(SELECT COALESCE(SUM(size), 0) FROM messages INDEXED BY messages_meta WHERE mailbox=mailboxes.id)
+"""
+
+
 def _migrate(db) -> None:
     """Bring an index made by an older version up to date (in place, at open)."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
-    if "envelope" not in columns:
-        # Rows from before have none: fetchMeta formats theirs from the
-        # structure when asked.
-        db.execute("ALTER TABLE messages ADD COLUMN envelope BLOB")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+        if "envelope" not in columns:
+            # Rows from before have none: fetchMeta formats theirs from the
+            # structure when asked.
+            db.execute("ALTER TABLE messages ADD COLUMN envelope BLOB")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(mailboxes)")}
+        if "nmessages" not in columns:
+            for name in ("nmessages", "nunseen", "nsize"):
+                db.execute(f"ALTER TABLE mailboxes ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
+            db.execute(RECOUNT)
+        # (executescript would commit first: one statement at a time.)
+        for trigger in COUNT_TRIGGERS.split("END;")[:-1]:
+            db.execute(trigger + "END;")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _envelopeOf(structure) -> Optional[bytes]:
@@ -655,13 +707,8 @@ class SQLiteStore:
     @staticmethod
     def _info(db, user, row, subscribed=None) -> MailboxInfo:
         mid, name, uidvalidity, uidnext, highest, special = row
-        # Both from indexes (messages_meta covers the first, messages_recent
-        # the second): the wide rows with the cached structure are not read.
-        count, unseen, size = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(flags NOT LIKE '%\\Seen%'), 0), COALESCE(SUM(size), 0)"
-            " FROM messages INDEXED BY messages_meta WHERE mailbox=?",
-            (mid,),
-        ).fetchone()
+        # The counts the triggers keep; the recent ones from their index.
+        count, unseen, size = db.execute("SELECT nmessages, nunseen, nsize FROM mailboxes WHERE id=?", (mid,)).fetchone()
         recent = db.execute("SELECT COUNT(*) FROM messages INDEXED BY messages_recent WHERE mailbox=? AND recent=1", (mid,)).fetchone()[0]
         if subscribed is None:
             subscribed = (
@@ -717,20 +764,12 @@ class SQLiteStore:
                 raise NoSuchAccount(f"no such account: {user}")
             subs = {r[0] for r in db.execute("SELECT name FROM subscriptions WHERE user=?", (user,))}
             rows = db.execute(
-                "SELECT id, name, uidvalidity, uidnext, highestmodseq, specialuse FROM mailboxes WHERE user=? ORDER BY name",
+                "SELECT id, name, uidvalidity, uidnext, highestmodseq, specialuse, nmessages, nunseen, nsize"
+                " FROM mailboxes WHERE user=? ORDER BY name",
                 (user,),
             ).fetchall()
-            # Two grouped reads over the indexes for every mailbox at once,
-            # not two queries per mailbox (LIST of an account with many).
-            counts = {
-                r[0]: r[1:]
-                for r in db.execute(
-                    "SELECT mailbox, COUNT(*), SUM(flags NOT LIKE '%\\Seen%'), SUM(size)"
-                    " FROM messages INDEXED BY messages_meta"
-                    " WHERE mailbox IN (SELECT id FROM mailboxes WHERE user=?) GROUP BY mailbox",
-                    (user,),
-                )
-            }
+            # The counts are kept in the rows; the recent ones, for every
+            # mailbox at once, from their index.
             recent = dict(
                 db.execute(
                     "SELECT mailbox, COUNT(*) FROM messages INDEXED BY messages_recent WHERE recent=1"
@@ -739,8 +778,7 @@ class SQLiteStore:
                 ).fetchall()
             )
             out = []
-            for mid, name, uidvalidity, uidnext, highest, special in rows:
-                count, unseen, size = counts.get(mid, (0, 0, 0))
+            for mid, name, uidvalidity, uidnext, highest, special, count, unseen, size in rows:
                 out.append(
                     MailboxInfo(
                         name, uidvalidity, uidnext, highest, count, unseen, recent.get(mid, 0), special,
