@@ -112,6 +112,9 @@ CREATE INDEX IF NOT EXISTS messages_meta ON messages (mailbox, uid, flags, size,
 -- The few messages that are still recent: SELECT finds them (and
 -- claimRecent clears them) without reading every row.
 CREATE INDEX IF NOT EXISTS messages_recent ON messages (mailbox, uid) WHERE recent=1;
+-- The messages marked \\Deleted: EXPUNGE finds them without reading every row.
+CREATE INDEX IF NOT EXISTS messages_deleted ON messages (mailbox, uid)
+    WHERE ' ' || flags || ' ' LIKE '% \\Deleted %';
 CREATE TABLE IF NOT EXISTS msgindex (
     mailbox INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
     uid INTEGER NOT NULL,
@@ -1187,7 +1190,8 @@ class SQLiteStore:
             mid, canon, _, _, highest, _ = self._mailboxRow(db, user, mailbox)
             state["canon"] = canon
             rows = db.execute(
-                "SELECT uid, file FROM messages WHERE mailbox=? AND ' ' || flags || ' ' LIKE '% \\Deleted %' ORDER BY uid",
+                "SELECT uid, file FROM messages INDEXED BY messages_deleted"
+                " WHERE mailbox=? AND ' ' || flags || ' ' LIKE '% \\Deleted %' ORDER BY uid",
                 (mid,),
             ).fetchall()
             if wanted is not None:
