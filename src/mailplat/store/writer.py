@@ -6,8 +6,9 @@ by three threads in a row (L{Writer}): the files thread writes the batch's
 files and makes them (and the directories they were linked into) durable
 together; the commit thread applies every ready operation in one
 transaction and commits it once (one WAL fsync with C{synchronous=FULL});
-the completion thread runs the post-commit steps and fires the operations'
-Deferreds, on the reactor thread, in commit order.  Under load many
+the completion thread runs the post-commit steps (a batch without any goes
+straight from the commit thread) and the operations' Deferreds fire on the
+reactor thread, in commit order, one wake-up of the reactor per batch.  Under load many
 sessions' messages share one round of fsyncs; alone, a message costs what
 it must.
 
@@ -270,7 +271,8 @@ class Writer:
          committed (an fsync of the WAL when any of them is durable);
       3. I{completion}: each committed operation's C{after} step runs
          (unlinking files the transaction removed) and its Deferred fires,
-         in commit order.
+         in commit order; a batch without C{after} steps skips this thread
+         when it has nothing queued.
 
     So a change with no files to write (flags, a queue settlement) never
     waits for another operation's file fsyncs, the commit stage never waits
@@ -285,9 +287,17 @@ class Writer:
     def __init__(self, path: str, reactor, name: str = "mailplat-writer", maxBatch: int = 512):
         self._path = path
         self._reactor = reactor
-        self._queue: queue.Queue = queue.Queue()  # to the commit stage
-        self._fileQueue: queue.Queue = queue.Queue()
-        self._doneQueue: queue.Queue = queue.Queue()
+        # SimpleQueue: a put and a get are one C call each, the hand-off
+        # between stages is most of what a small write costs.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # to the commit stage
+        self._fileQueue: queue.SimpleQueue = queue.SimpleQueue()
+        self._doneQueue: queue.SimpleQueue = queue.SimpleQueue()
+        #: Items given to the completion stage and not yet passed on to
+        #: the reactor; while there are none, a batch with no post-commit
+        #: steps is passed on by the commit stage itself (order is kept:
+        #: the reactor runs what threads give it in the order given).
+        self._doneBacklog = 0
+        self._doneLock = threading.Lock()
         self._maxBatch = maxBatch
         self._threads = [
             threading.Thread(target=self._runFiles, name=name + "-files", daemon=True),
@@ -368,7 +378,7 @@ class Writer:
             except Exception:
                 f = Failure()
                 _log.failure("store write preparation failed", f)
-                self._doneQueue.put((op, f))
+                self._toDone((op, f))
         if live and (paths or dirs):
             try:
                 syncFiles(paths, sorted(dirs))
@@ -376,7 +386,7 @@ class Writer:
                 f = Failure()
                 _log.failure("fsync failed", f)
                 for op in live:
-                    self._doneQueue.put((op, f))
+                    self._toDone((op, f))
                 return
         if live:
             self._queue.put(_Prepared(live))
@@ -420,7 +430,7 @@ class Writer:
                     db.execute("ROLLBACK")
                 else:
                     db.execute("COMMIT")
-                self._doneQueue.put((live, results))
+                self._committed(live, results)
                 return
             for i, op in enumerate(live):
                 db.execute(f"SAVEPOINT op{i}")
@@ -440,14 +450,29 @@ class Writer:
             except sqlite3.Error:
                 pass
             for op in live:
-                self._doneQueue.put((op, f))
+                self._toDone((op, f))
             return
         finally:
             if lazy:
                 db.execute("PRAGMA synchronous=FULL")
-        self._doneQueue.put((live, results))
+        self._committed(live, results)
 
     # --- stage 3: completion ----------------------------------------------------
+
+    def _toDone(self, item):
+        with self._doneLock:
+            self._doneBacklog += 1
+        self._doneQueue.put(item)
+
+    def _committed(self, live, results):
+        """(Commit thread.)  Pass a committed batch on: straight to the reactor when nothing is left to do."""
+        if all(ok and op.after is None for op, (ok, _) in zip(live, results)):
+            with self._doneLock:
+                direct = self._doneBacklog == 0
+            if direct:
+                self._reactor.callFromThread(self._fireAll, [(op, v, ok) for op, (ok, v) in zip(live, results)])
+                return
+        self._toDone((live, results))
 
     def _runCompletion(self):
         while True:
@@ -455,27 +480,42 @@ class Writer:
             if item is _STOP:
                 return
             target, outcome = item
-            if isinstance(target, WriteOp):
-                self._failOp(target, outcome)
-                continue
-            for op, (ok, value) in zip(target, outcome):
-                if ok and op.after is not None:
-                    try:
-                        op.after(value)
-                    except Exception:
-                        _log.failure("post-commit step failed", Failure())
-                if not ok and op.onFailure is not None:
-                    try:
-                        op.onFailure()
-                    except Exception:
-                        pass
-                self._fire(op, value, ok)
+            try:
+                self._complete(target, outcome)
+            finally:
+                with self._doneLock:
+                    self._doneBacklog -= 1
+
+    def _complete(self, target, outcome):
+        if isinstance(target, WriteOp):
+            self._failOp(target, outcome)
+            return
+        fired = []
+        for op, (ok, value) in zip(target, outcome):
+            if ok and op.after is not None:
+                try:
+                    op.after(value)
+                except Exception:
+                    _log.failure("post-commit step failed", Failure())
+            if not ok and op.onFailure is not None:
+                try:
+                    op.onFailure()
+                except Exception:
+                    pass
+            fired.append((op, value, ok))
+        # One wake-up of the reactor for the whole batch.
+        self._reactor.callFromThread(self._fireAll, fired)
+
+    @staticmethod
+    def _fireAll(fired):
+        for op, result, ok in fired:
+            if ok:
+                op.deferred.callback(result)
+            else:
+                op.deferred.errback(result)
 
     def _fire(self, op, result, ok):
-        if ok:
-            self._reactor.callFromThread(op.deferred.callback, result)
-        else:
-            self._reactor.callFromThread(op.deferred.errback, result)
+        self._reactor.callFromThread(self._fireAll, [(op, result, ok)])
 
     def _failOp(self, op, failure):
         if op.onFailure is not None:
