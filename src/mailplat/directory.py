@@ -13,6 +13,7 @@ extension points.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sqlite3
@@ -43,6 +44,7 @@ class DirectoryError(ValueError):
     """A request the directory refuses; the message is for the operator."""
 
 
+@functools.lru_cache(maxsize=4096)
 def normaliseDomain(domain: str) -> str:
     d = domain.strip().rstrip(".").lower()
     try:

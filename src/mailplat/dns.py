@@ -25,12 +25,11 @@ import socket
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.names import client, dns, error
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 class DNSError(Exception):

@@ -9,12 +9,11 @@ already open are untouched.  Configured by C{[limits]}.
 from __future__ import annotations
 
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 REFUSALS = {
     "smtp": b"421 4.7.0 Too many connections, try again later\r\n",

@@ -23,9 +23,8 @@ import os
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailplat import plugins
@@ -42,7 +41,7 @@ from mailplat.interfaces.routing import IRouter
 from mailplat.interfaces.storage import IMessageStore
 from mailplat.metrics import Metrics
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 PluginChoiceText = PluginChoice("text")
 

@@ -51,13 +51,13 @@ import sys
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
+from twisted.logger import LogLevel, eventFromJSON, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 #: The descriptor number a worker finds its channel on.
 CHANNEL_FD = 3

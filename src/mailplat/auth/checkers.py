@@ -11,14 +11,13 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from zope.interface import implementer
 
 from mailplat.auth.passwords import verifyPassword
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 def _username(credentials) -> str:

@@ -24,9 +24,8 @@ from __future__ import annotations
 import ipaddress
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DomainError
 from twisted.plugin import IPlugin
@@ -35,7 +34,7 @@ from zope.interface import implementer
 from mailplat.hooks import Args, PassThroughHook, inNetworks, parseAddress
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 _ERROR_ANSWERS = ipaddress.ip_network("127.255.255.0/24")
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")

@@ -27,16 +27,15 @@ import ipaddress
 import json
 import os
 
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailplat.hooks import Args, PassThroughHook, inNetworks, parseAddress
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 @implementer(ISMTPHook)

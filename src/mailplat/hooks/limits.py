@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import collections
 
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailplat.hooks import Args, PassThroughHook, clientKey, inNetworks
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 class _Window:

@@ -18,9 +18,8 @@ accepted and bounced later (bounces to forged senders are backscatter).
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -28,7 +27,7 @@ from mailplat.hooks import Args, PassThroughHook
 from mailplat.interfaces.hooks import Decision, ISMTPHook, ISMTPHookFactory
 from mailplat.interfaces.routing import LocalDestination, RoutingRequest
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 @implementer(ISMTPHook)

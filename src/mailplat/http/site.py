@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.web import resource, server
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE = b"application/json"

@@ -78,9 +78,8 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.python.failure import Failure
 
 from zope.interface import implementer
@@ -112,7 +111,7 @@ from mailplat.interfaces.storage import (
     TemporaryStoreFailure,
 )
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 DELIMITER = "/"
 BASE_CAPABILITIES = (

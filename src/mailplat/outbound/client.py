@@ -36,12 +36,11 @@ import base64
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 TIMEOUTS = {
     "greeting": 300,

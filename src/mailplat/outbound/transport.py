@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 
 from mailplat.dns import DNSError, MailHost
 from mailplat.outbound.client import (
@@ -37,7 +36,7 @@ from mailplat.outbound.client import (
     Transaction,
 )
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 @dataclass

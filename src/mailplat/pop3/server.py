@@ -97,9 +97,8 @@ from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -111,7 +110,7 @@ from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import IBatchReadStore, StoreError, TemporaryStoreFailure
 from mailplat.pop3 import wire
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 MAILDROP = "INBOX"
 

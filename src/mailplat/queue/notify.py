@@ -11,14 +11,13 @@ be delivered is dropped rather than answered with another notice.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mailplat.interfaces.queue import Envelope
 from mailplat.interfaces.routing import RoutingRequest
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from mailplat.outbound.dsn import buildReport
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 class Notifier:

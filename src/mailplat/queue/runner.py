@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 
 from mailplat.interfaces.processing import ProcessingItem
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination
@@ -32,7 +31,7 @@ from mailplat.interfaces.storage import NoSuchAccount, NoSuchMailbox, QuotaExcee
 from mailplat.outbound import dsn
 from mailplat.outbound.client import Recipient, Result
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 #: Entries a runner without scans keeps waiting for room (see L{QueueRunner.take}).
 MAX_WAITING = 1024

@@ -80,15 +80,15 @@ from __future__ import annotations
 import base64
 import datetime
 import email.utils
+import functools
 import ipaddress
 import secrets
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from mailplat.net import IdleTimer, writeNow
 from twisted.python.failure import Failure
 
@@ -103,7 +103,7 @@ from mailplat.tls import isLoopback, isTLS
 
 __all__ = ["SMTPContext", "SMTPFactory", "SMTPServer"]
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 ROLES = ("mx", "submission", "submissions")
 
@@ -220,6 +220,7 @@ def _sanitiseName(name: str, limit: int = 255) -> str:
     return cleaned[:limit] or "?"
 
 
+@functools.lru_cache(maxsize=4096)
 def _addressLiteral(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host.split("%")[0])
@@ -228,6 +229,12 @@ def _addressLiteral(host: str) -> str:
     if ip.version == 6:
         return f"[IPv6:{ip.compressed}]"
     return f"[{ip}]"
+
+
+@functools.lru_cache(maxsize=4)
+def _receivedDate(second: int) -> str:
+    """The date of a Received header (RFC 5322 §3.3), made once per second."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.timezone.utc))
 
 
 class SMTPServer(Protocol):
@@ -1127,9 +1134,7 @@ class SMTPServer(Protocol):
     def _receivedHeader(self) -> bytes:
         f = self.factory
         literal = _addressLiteral(self._clientAddress())
-        date = email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(self._reactor.seconds(), datetime.timezone.utc)
-        )
+        date = _receivedDate(int(self._reactor.seconds()))
         parts = [
             f"Received: from {self._helo or 'unknown'} ({literal})",
             f"\tby {f.hostname} (mailplat) with {self._protocolName()} id {self._messageId}",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 
 class Listeners:

@@ -29,7 +29,6 @@ import time
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -58,13 +57,13 @@ from mailplat.interfaces.storage import (
     NoSuchMailbox,
     validateMailboxName,
 )
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from mailplat.store.events import Listeners
 from mailplat.store.writer import Database, NotSmall, WriteOp, connect, linkOrCopy, writeFile
 from mailplat.plugins import dataPathArgument
 from mailplat.testing import applyFlags, normaliseFlags
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);

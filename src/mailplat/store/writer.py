@@ -27,14 +27,13 @@ import sqlite3
 import threading
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
-from mailplat.log import observer as logObserver
+from mailplat.log import Logger
 from twisted.python.failure import Failure
 
 from mailplat.interfaces.storage import TemporaryStoreFailure
 
-_log = Logger(observer=logObserver)
+_log = Logger()
 
 _libc = None
 try:
