@@ -565,6 +565,32 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         [three] = yield self.store.fetchMeta(self.user, "INBOX", [3], withEnvelope=True)
         self.assertEqual(three.envelope, one.envelope)
 
+    @defer.inlineCallbacks
+    def test_bigSelectAndListGoToAThread(self):
+        """SELECT of a big mailbox and LIST of an account with many mailboxes read in a thread, with the same result."""
+        from twisted.internet import threads
+
+        for _ in range(3):
+            yield self.store.append(self.user, "INBOX", MSG)
+        small = yield self.store.selectData(self.user, "INBOX")
+        boxes = yield self.store.listMailboxes(self.user)
+        inThreads = []
+        original = threads.deferToThreadPool
+
+        def counting(*a, **kw):
+            inThreads.append(a[2])
+            return original(*a, **kw)
+
+        self.patch(threads, "deferToThreadPool", counting)
+        yield self.store.selectData(self.user, "INBOX")
+        yield self.store.listMailboxes(self.user)
+        self.assertEqual(inThreads, [])
+        self.store._inlineSelect = 2
+        self.store._inlineMailboxes = 2
+        self.assertEqual((yield self.store.selectData(self.user, "INBOX")), small)
+        self.assertEqual((yield self.store.listMailboxes(self.user)), boxes)
+        self.assertEqual(len(inThreads), 2)
+
     def keptCounts(self):
         """Each mailbox's kept (count, unseen, size) and the same counted from its messages."""
         db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))

@@ -764,6 +764,10 @@ class SQLiteStore:
         def run(db):
             if not db.execute("SELECT 1 FROM accounts WHERE user=?", (user,)).fetchone():
                 raise NoSuchAccount(f"no such account: {user}")
+            if self._db.inline:
+                count = db.execute("SELECT COUNT(*) FROM mailboxes WHERE user=?", (user,)).fetchone()[0]
+                if count > self._inlineMailboxes:
+                    raise NotSmall()
             subs = {r[0] for r in db.execute("SELECT name FROM subscriptions WHERE user=?", (user,))}
             rows = db.execute(
                 "SELECT id, name, uidvalidity, uidnext, highestmodseq, specialuse, nmessages, nunseen, nsize"
@@ -789,7 +793,7 @@ class SQLiteStore:
                 )
             return out
 
-        return self._read(run)
+        return self._read(run, inline=True)
 
     def getMailbox(self, user, name):
         return self._read(lambda db: self._info(db, user, self._mailboxRow(db, user, name)), inline=True)
@@ -1046,6 +1050,10 @@ class SQLiteStore:
             if cached is not None and cached[0] == key:
                 uids, flags, modseqs, unseen, size = cached[1]
             else:
+                if self._db.inline:
+                    count = db.execute("SELECT nmessages FROM mailboxes WHERE id=?", (mid,)).fetchone()[0]
+                    if count > self._inlineSelect:
+                        raise NotSmall()
                 rows = db.execute(
                     "SELECT uid, flags, modseq, size FROM messages INDEXED BY messages_meta"
                     " WHERE mailbox=? ORDER BY uid",
@@ -1076,7 +1084,7 @@ class SQLiteStore:
             )
             return SelectData(info, uids, flags, modseqs, recent)
 
-        return self._read(run)
+        return self._read(run, inline=True)
 
     def getContents(self, user, mailbox, uids):
         wanted = sorted(set(uids))
@@ -1112,8 +1120,12 @@ class SQLiteStore:
     #: Reads run at once in the reactor's thread when they are this small:
     #: metadata of up to this many UIDs named by the caller...
     _inlineRows = 64
-    #: ...and the content of up to this many messages kept in the index.
+    #: ...and the content of up to this many messages kept in the index;
+    #: SELECT of a mailbox of up to this many messages (and not in the
+    #: SELECT cache); LIST of an account with up to this many mailboxes.
     _inlineContents = 4
+    _inlineSelect = 200
+    _inlineMailboxes = 200
 
     def _smallContent(self, rows):
         """In a read started inline: content in files (large messages) is read in a thread instead."""
