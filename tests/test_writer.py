@@ -176,3 +176,88 @@ class StoppedWriterTests(unittest.TestCase):
         self.failureResultOf(d, TemporaryStoreFailure)
         self.assertEqual(cleaned, [True])
         return stopped
+
+
+class InlineCommitTests(unittest.TestCase):
+    """Small, non-durable changes committed in the reactor's thread when nothing else is under way."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "t.sqlite")
+        self.db = Database(self.path, SCHEMA, reactor, "test-writer")
+        self.db.start()
+        self.addCleanup(self.db.stop)
+
+    def small(self, what, fail=False):
+        def apply(db):
+            n = db.execute("INSERT INTO log (what) VALUES (?)", (what,)).lastrowid
+            if fail:
+                raise ValueError("refused")
+            return n
+
+        return self.db.submit(WriteOp(apply, durable=False, small=True))
+
+    def rows(self):
+        return self.db.read(lambda db: [r[0] for r in db.execute("SELECT what FROM log ORDER BY n")])
+
+    @defer.inlineCallbacks
+    def test_committedAtOnce(self):
+        d = self.small("a")
+        self.assertEqual(self.successResultOf(d), 1)  # fired before submit returned
+        self.assertEqual((yield self.rows()), ["a"])
+
+    def test_failureRollsBack(self):
+        self.failureResultOf(self.small("bad", fail=True), ValueError)
+        self.assertEqual(self.successResultOf(self.small("good")), 1)
+
+    @defer.inlineCallbacks
+    def test_waitsBehindWorkUnderWay(self):
+        """With an operation still going through the threads, a small one queues behind it: order is kept."""
+        first = self.db.submit(WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES ('first')").lastrowid))
+        second = self.small("second")
+        self.assertNoResult(second)
+        self.assertEqual((yield first), 1)
+        self.assertEqual((yield second), 2)
+        self.assertEqual(self.successResultOf(self.small("third")), 3)
+
+    @defer.inlineCallbacks
+    def test_lockedByAnotherProcess(self):
+        """A database another connection is writing goes through the writer's threads, which wait for it."""
+        import sqlite3
+
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO log (what) VALUES ('other')")
+        d = self.small("mine")
+        self.assertNoResult(d)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertNoResult(d)
+        other.execute("COMMIT")
+        self.assertEqual((yield d), 2)
+        self.assertEqual((yield self.rows()), ["other", "mine"])
+
+    @defer.inlineCallbacks
+    def test_checkpointsInAThread(self):
+        """The reactor-thread connection never checkpoints; every so many commits a thread does."""
+        import sqlite3
+
+        self.db.writer.CHECKPOINT_EVERY = 5
+        for i in range(5):
+            self.successResultOf(self.small(f"r{i}"))
+        self.assertTrue(self.db.writer._checkpointing)
+        yield self.db.writer._checkpointDone
+        self.assertFalse(self.db.writer._checkpointing)
+        probe = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            busy, frames, done = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            probe.close()
+        self.assertEqual(frames, done)
+        self.assertEqual((yield self.rows()), [f"r{i}" for i in range(5)])
+
+    def test_notForDurableOrFileChanges(self):
+        self.assertFalse(WriteOp(lambda db: None, small=True).small)
+        self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, prepare=lambda: ([], [])).small)
+        self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, after=lambda r: None).small)

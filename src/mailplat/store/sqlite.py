@@ -664,8 +664,8 @@ class SQLiteStore:
     def _read(self, f, *a, inline=False):
         return self._db.read(f, *a, inline=inline)
 
-    def _write(self, apply, prepare=None, after=None, onFailure=None, events=None, durable=True):
-        op = WriteOp(apply, prepare, after, onFailure, durable=durable)
+    def _write(self, apply, prepare=None, after=None, onFailure=None, events=None, durable=True, small=False):
+        op = WriteOp(apply, prepare, after, onFailure, durable=durable, small=small)
         d = self._db.submit(op)
         if events is not None:
             d.addCallback(self._emitEvents, events)
@@ -1181,7 +1181,7 @@ class SQLiteStore:
         # the next durable commit (any delivery, APPEND, EXPUNGE, COPY) or
         # checkpoint.  A crash can only forget the latest flag changes; no
         # message is lost and the index stays consistent.
-        return self._write(apply, events=events, durable=False)
+        return self._write(apply, events=events, durable=False, small=len(wanted) <= self._inlineRows)
 
     @staticmethod
     def _rowsFor(db, mid, wanted, cols):

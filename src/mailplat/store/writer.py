@@ -145,9 +145,17 @@ class WriteOp:
     crash only means an idempotent redelivery).  A batch of only such
     changes commits without an fsync; it becomes durable with the next
     durable commit (SQLite WAL keeps commits in order).
+
+    C{small=True} (only with C{durable=False} and no C{prepare}/C{after})
+    marks a change of a few rows, known when it is submitted (a flag change
+    of a few messages): when nothing else of this writer is under way and
+    the database is not locked by another process, it is committed at once
+    in the calling (reactor) thread, without an fsync, instead of making
+    the round of the threads.
     """
 
-    def __init__(self, apply, prepare=None, after=None, onFailure=None, durable=True):
+    def __init__(self, apply, prepare=None, after=None, onFailure=None, durable=True, small=False):
+        self.small = small and not durable and prepare is None and after is None
         self.durable = durable
         self.apply = apply
         self.prepare = prepare
@@ -305,6 +313,17 @@ class Writer:
         ]
         self._started = False
         self._stopped = False
+        #: Operations submitted whose Deferreds have not fired (reactor thread only).
+        self._inflight = 0
+        self._inlineDb = None
+        self._inlineCommits = 0
+        self._checkpointing = False
+        self._checkpointDone = None  # the Deferred of the checkpoint under way
+
+    #: After this many commits made in the reactor's thread, a passive WAL
+    #: checkpoint runs in a thread (their connection never checkpoints: that
+    #: would fsync in the reactor's thread).
+    CHECKPOINT_EVERY = 256
 
     def start(self):
         for t in self._threads:
@@ -314,6 +333,9 @@ class Writer:
     def stop(self):
         """Finish queued work; fires (on the reactor) when the threads have ended."""
         self._stopped = True
+        if self._inlineDb is not None:
+            self._inlineDb.close()
+            self._inlineDb = None
         if not self._started:
             return defer.succeed(None)
         d = defer.Deferred()
@@ -334,8 +356,65 @@ class Writer:
             if op.onFailure is not None:
                 op.onFailure()
             return defer.fail(TemporaryStoreFailure("the store is closed"))
+        if op.small and self._inflight == 0 and self._started and self._commitInline(op):
+            return op.deferred
+        self._inflight += 1
         (self._fileQueue if op.prepare is not None else self._queue).put(op)
         return op.deferred
+
+    def _commitInline(self, op) -> bool:
+        """Commit C{op} now, in this thread; False (nothing done) when the database is locked."""
+        db = self._inlineDb
+        if db is None:
+            db = self._inlineDb = connect(self._path)
+            db.execute("PRAGMA busy_timeout=0")  # locked: the writer's threads take it
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        try:
+            result = op.apply(db)
+            db.execute("COMMIT")
+        except Exception:
+            f = Failure()
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(f.value, sqlite3.OperationalError):
+                _log.failure("store commit failed", f)
+                f = Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
+            op.deferred.errback(f)
+            return True
+        self._inlineCommits += 1
+        if self._inlineCommits >= self.CHECKPOINT_EVERY and not self._checkpointing:
+            self._checkpoint()
+        op.deferred.callback(result)
+        return True
+
+    def _checkpoint(self):
+        from twisted.internet.threads import deferToThreadPool
+
+        self._inlineCommits = 0
+        self._checkpointing = True
+
+        def run():
+            db = connect(self._path)
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                db.close()
+
+        def done(result):
+            self._checkpointing = False
+            return None
+
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+        d.addErrback(lambda f: _log.failure("WAL checkpoint failed", f))
+        d.addBoth(done)
+        self._checkpointDone = d
 
     @staticmethod
     def _drain(q, first, limit):
@@ -505,8 +584,8 @@ class Writer:
         # One wake-up of the reactor for the whole batch.
         self._reactor.callFromThread(self._fireAll, fired)
 
-    @staticmethod
-    def _fireAll(fired):
+    def _fireAll(self, fired):
+        self._inflight -= len(fired)
         for op, result, ok in fired:
             if ok:
                 op.deferred.callback(result)
