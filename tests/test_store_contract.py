@@ -85,6 +85,11 @@ class StoreContractMixin:
         yield self.store.deleteAccount("bob@example.org")
         self.assertEqual((yield self.store.listAccounts()), ["alice@example.org"])
         yield self.assertFailure(self.store.deleteAccount("bob@example.org"), NoSuchAccount)
+        yield self.assertFailure(self.store.getMailbox("bob@example.org", "INBOX"), NoSuchAccount)
+        yield self.assertFailure(self.store.getMailbox(self.user, "Nowhere"), NoSuchMailbox)
+        yield self.assertFailure(self.store.getMailbox(self.user, "a/../b\x00"), NoSuchMailbox)
+        yield self.assertFailure(self.store.fetchMeta("bob@example.org", "INBOX"), NoSuchAccount)
+        yield self.assertFailure(self.store.fetchMeta(self.user, "Nowhere", [1]), NoSuchMailbox)
 
     @defer.inlineCallbacks
     def test_defaultMailboxes(self):

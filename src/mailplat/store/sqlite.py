@@ -661,8 +661,8 @@ class SQLiteStore:
     def _readDb(self) -> sqlite3.Connection:
         return self._db.connection()
 
-    def _read(self, f, *a, inline=False):
-        return self._db.read(f, *a, inline=inline)
+    def _read(self, f, *a, inline=False, transaction=True):
+        return self._db.read(f, *a, inline=inline, transaction=transaction)
 
     def _write(self, apply, prepare=None, after=None, onFailure=None, events=None, durable=True, small=False):
         op = WriteOp(apply, prepare, after, onFailure, durable=durable, small=small)
@@ -796,7 +796,25 @@ class SQLiteStore:
         return self._read(run, inline=True)
 
     def getMailbox(self, user, name):
-        return self._read(lambda db: self._info(db, user, self._mailboxRow(db, user, name)), inline=True)
+        def run(db):
+            try:
+                canon = validateMailboxName(name)
+            except InvalidMailboxName:
+                raise NoSuchMailbox(f"no such mailbox: {name}")
+            # One statement: its own consistent snapshot.
+            row = db.execute(
+                "SELECT b.name, b.uidvalidity, b.uidnext, b.highestmodseq, b.nmessages, b.nunseen, b.specialuse,"
+                " EXISTS (SELECT 1 FROM subscriptions s WHERE s.user=b.user AND s.name=b.name), b.nsize,"
+                " (SELECT COUNT(*) FROM messages INDEXED BY messages_recent WHERE mailbox=b.id AND recent=1)"
+                " FROM mailboxes b WHERE b.user=? AND b.name=?",
+                (user, canon),
+            ).fetchone()
+            if row is None:
+                self._mailboxRow(db, user, canon)  # raises the right error
+            name_, validity, uidnext, highest, count, unseen, special, subscribed, size, recent = row
+            return MailboxInfo(name_, validity, uidnext, highest, count, unseen, recent, special, bool(subscribed), size)
+
+        return self._read(run, inline=True, transaction=False)
 
     def createMailbox(self, user, name, specialUse=None):
         try:
@@ -1029,7 +1047,8 @@ class SQLiteStore:
                 return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4]) for r in rows]
             return [_meta(r[0], _flagsSet(r[1]), r[2], r[3], r[4], json.loads(r[5]) if r[5] else None) for r in rows]
 
-        return self._read(run, inline=wanted is not None and len(wanted) <= self._inlineRows)
+        # The mailbox's id, then its rows: no transaction needed around them.
+        return self._read(run, inline=wanted is not None and len(wanted) <= self._inlineRows, transaction=False)
 
     #: Mailboxes with at least this many messages keep their last
     #: L{selectData} in memory (at most L{_selectCacheSize} of them).
@@ -1115,6 +1134,7 @@ class SQLiteStore:
             self._smallContent([(uid, row[0])])
             return self._load(db, row[0])
 
+        # In one transaction: a blob's id may be reused once it is deleted.
         return self._read(run, inline=True)
 
     #: Reads run at once in the reactor's thread when they are this small:

@@ -216,19 +216,23 @@ class Database:
             db = self._local.db = connect(self.path)
         return db
 
-    def read(self, f, *args, inline=False):
+    def read(self, f, *args, inline=False, transaction=True):
         """
         Run C{f(connection, *args)} in a read transaction; a Deferred that
         fires with its result.  In a thread of the reactor's pool; or, with
         C{inline}, at once in the calling thread, for a read known to be
         small (a few rows found by index: cheaper than the two thread
         switches) -- unless C{f} raises L{NotSmall}, which sends it to the
-        pool after all.
+        pool after all.  Without C{transaction}, each statement of C{f}
+        sees the database as of its own start (for a read of one statement,
+        or whose statements need not agree).
         """
         from twisted.internet.threads import deferToThreadPool
 
         def run():
             db = self.connection()
+            if not transaction:
+                return f(db, *args)
             db.execute("BEGIN")
             try:
                 return f(db, *args)
