@@ -657,6 +657,8 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
                 db.execute(f"DROP TRIGGER {trigger}")
             for column in ("nmessages", "nunseen", "nsize"):
                 db.execute(f"ALTER TABLE mailboxes DROP COLUMN {column}")
+            db.execute("DROP INDEX messages_recent")
+            db.execute("CREATE INDEX messages_recent ON messages (mailbox, uid) WHERE recent=1")  # as it was
             db.commit()
         finally:
             db.close()
@@ -668,6 +670,16 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         kept, counted = self.keptCounts()
         self.assertEqual(kept, counted)
         self.assertIn(("INBOX", 3, 2, 3 * len(MSG)), kept)
+        self.assertEqual(info.recent, 2)
+        db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+        try:
+            columns = [r[2] for r in db.execute("PRAGMA index_info(messages_recent)")]
+            plan = " ".join(r[3] for r in db.execute(
+                "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM messages INDEXED BY messages_recent WHERE mailbox=1 AND recent=1"))
+        finally:
+            db.close()
+        self.assertEqual(columns, ["mailbox", "uid", "recent"])
+        self.assertIn("COVERING INDEX messages_recent", plan)
 
     def blobCount(self):
         db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))

@@ -109,8 +109,9 @@ CREATE INDEX IF NOT EXISTS messages_modseq ON messages (mailbox, modseq);
 -- touching the wide rows that hold the cached structure.
 CREATE INDEX IF NOT EXISTS messages_meta ON messages (mailbox, uid, flags, size, internaldate, modseq);
 -- The few messages that are still recent: SELECT finds them (and
--- claimRecent clears them) without reading every row.
-CREATE INDEX IF NOT EXISTS messages_recent ON messages (mailbox, uid) WHERE recent=1;
+-- claimRecent clears them) without reading every row; with the column
+-- itself in it, counting and listing them read only the index.
+CREATE INDEX IF NOT EXISTS messages_recent ON messages (mailbox, uid, recent) WHERE recent=1;
 -- The messages marked \\Deleted: EXPUNGE finds them without reading every row.
 CREATE INDEX IF NOT EXISTS messages_deleted ON messages (mailbox, uid)
     WHERE ' ' || flags || ' ' LIKE '% \\Deleted %';
@@ -417,6 +418,10 @@ def _migrate(db) -> None:
             # Rows from before have none: fetchMeta formats theirs from the
             # structure when asked.
             db.execute("ALTER TABLE messages ADD COLUMN envelope BLOB")
+        if "recent" not in {row[2] for row in db.execute("PRAGMA index_info(messages_recent)")}:
+            # Made before it covered its queries.
+            db.execute("DROP INDEX messages_recent")
+            db.execute("CREATE INDEX messages_recent ON messages (mailbox, uid, recent) WHERE recent=1")
         columns = {row[1] for row in db.execute("PRAGMA table_info(mailboxes)")}
         if "nmessages" not in columns:
             for name in ("nmessages", "nunseen", "nsize"):
