@@ -69,6 +69,7 @@ import binascii
 import bisect
 import collections
 import dataclasses
+import functools
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -1805,10 +1806,13 @@ class IMAPServerProtocol(Protocol):
                 self._send(b"".join(out))
 
 
+@functools.lru_cache(maxsize=8192)
 def _mailboxName(name: str) -> bytes:
+    """A mailbox name in modified UTF-7, as an IMAP string (LIST answers the same names again and again)."""
     return wire.string(wire.encodeMailbox(name).encode("ascii"))
 
 
+@functools.lru_cache(maxsize=256)
 def listMatcher(pattern: str):
     """
     A predicate for LIST/LSUB patterns: C{*} matches anything, C{%} anything
