@@ -355,6 +355,43 @@ class FetchTests(Base):
         out = self.c.ok(b"b FETCH 1 ALL")
         assert b"ENVELOPE (" in out and b"RFC822.SIZE" in out
 
+    def test_big_answer_waits_for_the_client(self):
+        """
+        A FETCH whose answer passes the write chunk registers as a producer and
+        stops while the transport is paused (its buffer full: a slow client);
+        a small one writes at once without registering.
+        """
+
+        class BufferingTransport(FakeTLSTransport):
+            """Pauses its producer once 100 KB wait unread, as a real transport does."""
+
+            def write(self, data):
+                super().write(data)
+                if self.producer is not None and len(self.value()) > 100_000:
+                    self.producer.pauseProducing()
+
+        big = plain(b"big", body=b"x" * 40000 + b"\r\n")
+        for _ in range(5):
+            self.append(big)
+        c = Client(self.factory)
+        c.transport = BufferingTransport(hostAddress=c.transport.getHost(), peerAddress=c.transport.getPeer())
+        c.proto = self.factory.buildProtocol(None)
+        c.proto.makeConnection(c.transport)
+        c.read()
+        c.ok(b"L LOGIN alice secret")
+        c.ok(b"S SELECT INBOX")
+        c.ok(b"s FETCH 1 (FLAGS)")
+        assert c.transport.producer is None
+        out = c.send(b"a FETCH 1:6 (BODY.PEEK[])\r\n")
+        producer = c.transport.producer
+        assert producer is not None, "a big answer is written as the client takes it"
+        assert b"a OK" not in out and out.count(b"BODY[] {") < 6
+        producer.resumeProducing()
+        out += c.read()
+        assert b"a OK FETCH completed" in out
+        assert out.count(b"BODY[] {") == 6
+        assert c.transport.producer is None
+
     def test_envelopes_kept_by_the_store(self):
         """
         A store that keeps formatted envelopes (IEnvelopeStore) answers FETCH

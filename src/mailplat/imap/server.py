@@ -1230,7 +1230,8 @@ class IMAPServerProtocol(Protocol):
         missing = False
         buf = []
         size = 0
-        self._startProducing()
+        contentStore = IContentStore.providedBy(store)
+        needsContent = plan.needsContent
         try:
             for seq, uid in targets:
                 meta = byUid.get(uid)
@@ -1247,11 +1248,11 @@ class IMAPServerProtocol(Protocol):
                     isinstance(structure, dict) and structure.get("version") == fetchmod.STRUCTURE_VERSION
                 )
                 streamAtt = None
-                if IContentStore.providedBy(store):
+                if contentStore and needsContent:
                     streamAtt = plan.streamable(meta.size, STREAM_THRESHOLD)
                 if streamAtt is not None and len(plan.atts) > 0 and not stale:
                     content = None
-                elif plan.needsContent or stale:
+                elif needsContent or stale:
                     try:
                         content = await store.getContent(self._user, sel.name, uid)
                     except KeyError:
@@ -1277,6 +1278,7 @@ class IMAPServerProtocol(Protocol):
                 if self._closed:
                     return None
                 if streamAtt is not None:
+                    self._startProducing()
                     self._send(b"".join(buf))
                     buf, size = [], 0
                     if not await self._streamFetch(sel, seq, uid, meta, items):
@@ -1286,6 +1288,9 @@ class IMAPServerProtocol(Protocol):
                 buf.append(data)
                 size += len(data)
                 if size >= WRITE_CHUNK:
+                    # A big answer: from here on, wait for the client to
+                    # take it (a small one is written at once).
+                    self._startProducing()
                     self._send(b"".join(buf))
                     buf, size = [], 0
                     await self._drain()
