@@ -1735,6 +1735,12 @@ class IMAPServerProtocol(Protocol):
             self._send(b"".join(out))
 
     async def _flushUpdates(self, allowExpunge: bool):
+        sel = self._selected
+        if sel is None or not (
+            sel.gone or sel.resync or sel.pendingExpunge or sel.pendingAppend or sel.pendingFlags
+        ):
+            if not self._flushLock.locked:
+                return  # nothing to tell, and no flush under way to wait for
         await self._flushLock.acquire()
         try:
             await self._flushUpdatesLocked(allowExpunge)
