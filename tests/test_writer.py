@@ -212,14 +212,49 @@ class InlineCommitTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(self.small("good")), 1)
 
     @defer.inlineCallbacks
-    def test_waitsBehindWorkUnderWay(self):
-        """With an operation still going through the threads, a small one queues behind it: order is kept."""
-        first = self.db.submit(WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES ('first')").lastrowid))
-        second = self.small("second")
+    def test_notBehindAnotherCallersWork(self):
+        """
+        Another caller's operation going through the threads does not hold a
+        small change up; while the commit thread is in a transaction, the
+        small change takes the threads' way, after it.
+        """
+        gate = threading.Event()
+        entered = threading.Event()
+
+        def slow(db):
+            entered.set()
+            gate.wait(10)
+            return db.execute("INSERT INTO log (what) VALUES ('slow')").lastrowid
+
+        first = self.db.submit(WriteOp(slow))
+        self.assertTrue(entered.wait(10))
+        second = self.small("queued")  # the commit thread holds the transaction
         self.assertNoResult(second)
+        gate.set()
         self.assertEqual((yield first), 1)
         self.assertEqual((yield second), 2)
-        self.assertEqual(self.successResultOf(self.small("third")), 3)
+        # A file operation being prepared (no transaction yet) does not hold it up.
+        hold = threading.Event()
+        path = os.path.join(self.dir, "f")
+
+        def prepare():
+            hold.wait(10)
+            with open(path, "wb") as f:
+                f.write(b"x")
+            return [path], [self.dir]
+
+        filed = self.db.submit(WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES ('file')").lastrowid,
+                                       prepare=prepare))
+        # (The commit thread leaves its last transaction's lock just after
+        # the results are handed to the reactor.)
+        for _ in range(100):
+            if not self.db.writer._txLock.locked():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.successResultOf(self.small("now")), 3)
+        hold.set()
+        self.assertEqual((yield filed), 4)
+        self.assertEqual((yield self.rows()), ["slow", "queued", "now", "file"])
 
     @defer.inlineCallbacks
     def test_lockedByAnotherProcess(self):

@@ -148,10 +148,13 @@ class WriteOp:
 
     C{small=True} (only with C{durable=False} and no C{prepare}/C{after})
     marks a change of a few rows, known when it is submitted (a flag change
-    of a few messages): when nothing else of this writer is under way and
-    the database is not locked by another process, it is committed at once
-    in the calling (reactor) thread, without an fsync, instead of making
-    the round of the threads.
+    of a few messages): when the commit thread is not in a transaction and
+    no other process holds the database's write lock, it is committed at
+    once in the calling (reactor) thread, without an fsync, instead of
+    making the round of the threads.  It may so commit before operations
+    submitted earlier and still under way: use it only for a change whose
+    caller has none of its own under way (a session waits for each
+    change), as other callers' changes are concurrent with it anyway.
     """
 
     def __init__(self, apply, prepare=None, after=None, onFailure=None, durable=True, small=False):
@@ -320,6 +323,7 @@ class Writer:
         #: Operations submitted whose Deferreds have not fired (reactor thread only).
         self._inflight = 0
         self._inlineDb = None
+        self._txLock = threading.Lock()
         self._inlineCommits = 0
         self._checkpointing = False
         self._checkpointDone = None  # the Deferred of the checkpoint under way
@@ -360,7 +364,7 @@ class Writer:
             if op.onFailure is not None:
                 op.onFailure()
             return defer.fail(TemporaryStoreFailure("the store is closed"))
-        if op.small and self._inflight == 0 and self._started and self._commitInline(op):
+        if op.small and self._started and self._commitInline(op):
             return op.deferred
         self._inflight += 1
         (self._fileQueue if op.prepare is not None else self._queue).put(op)
@@ -374,6 +378,17 @@ class Writer:
             db.execute("PRAGMA busy_timeout=0")  # locked: the writer's threads take it
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=0")
+        # The commit thread's transactions and these exclude each other here,
+        # so neither meets the other's lock in SQLite (whose busy handler
+        # sleeps a millisecond or more).
+        if not self._txLock.acquire(blocking=False):
+            return False
+        try:
+            return self._commitInlineLocked(db, op)
+        finally:
+            self._txLock.release()
+
+    def _commitInlineLocked(self, db, op) -> bool:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
@@ -497,6 +512,10 @@ class Writer:
             self._doneQueue.put(_STOP)
 
     def _commit(self, db, live):
+        with self._txLock:
+            self._commitLocked(db, live)
+
+    def _commitLocked(self, db, live):
         results = []
         lazy = not any(op.durable for op in live)
         try:
