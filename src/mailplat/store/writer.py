@@ -25,6 +25,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 
 from twisted.internet import defer
 
@@ -173,6 +174,31 @@ def connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
     return db
+
+
+#: Waits between tries for a write lock another process holds, in seconds:
+#: short ones first (a commit holds it for about an fsync), growing to
+#: 5 ms (SQLite's own busy handler sleeps at least 1 ms, then 2, 5, 10...).
+_LOCK_WAITS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005)
+#: How long to wait for it in all, as C{connect}'s timeout.
+_LOCK_TIMEOUT = 60.0
+
+
+def _beginImmediate(db) -> None:
+    """C{BEGIN IMMEDIATE} on a connection without a busy timeout, waiting for the lock here."""
+    waited = 0.0
+    n = 0
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or waited >= _LOCK_TIMEOUT:
+                raise
+        pause = _LOCK_WAITS[min(n, len(_LOCK_WAITS) - 1)]
+        time.sleep(pause)
+        waited += pause
+        n += 1
 
 
 class NotSmall(Exception):
@@ -492,6 +518,8 @@ class Writer:
 
     def _run(self):
         db = connect(self._path)
+        # Waiting for another process's write lock is _beginImmediate's.
+        db.execute("PRAGMA busy_timeout=0")
         try:
             while True:
                 item = self._queue.get()
@@ -521,7 +549,7 @@ class Writer:
         try:
             if lazy:
                 db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("BEGIN IMMEDIATE")
+            _beginImmediate(db)
             if len(live) == 1:
                 # One operation: no savepoint; if it fails, nothing commits.
                 try:
