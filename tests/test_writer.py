@@ -296,3 +296,5 @@ class InlineCommitTests(unittest.TestCase):
         self.assertFalse(WriteOp(lambda db: None, small=True).small)
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, prepare=lambda: ([], [])).small)
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, after=lambda r: None).small)
+        self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, onFailure=lambda: None).small)
+        self.assertTrue(WriteOp(lambda db: None, durable=False, small=True).small)

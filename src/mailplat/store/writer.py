@@ -147,7 +147,8 @@ class WriteOp:
     changes commits without an fsync; it becomes durable with the next
     durable commit (SQLite WAL keeps commits in order).
 
-    C{small=True} (only with C{durable=False} and no C{prepare}/C{after})
+    C{small=True} (only with C{durable=False} and no C{prepare}, C{after}
+    or C{onFailure})
     marks a change of a few rows, known when it is submitted (a flag change
     of a few messages): when the commit thread is not in a transaction and
     no other process holds the database's write lock, it is committed at
@@ -159,7 +160,7 @@ class WriteOp:
     """
 
     def __init__(self, apply, prepare=None, after=None, onFailure=None, durable=True, small=False):
-        self.small = small and not durable and prepare is None and after is None
+        self.small = small and not durable and prepare is None and after is None and onFailure is None
         self.durable = durable
         self.apply = apply
         self.prepare = prepare
@@ -346,8 +347,6 @@ class Writer:
         ]
         self._started = False
         self._stopped = False
-        #: Operations submitted whose Deferreds have not fired (reactor thread only).
-        self._inflight = 0
         self._inlineDb = None
         self._txLock = threading.Lock()
         self._inlineCommits = 0
@@ -392,7 +391,6 @@ class Writer:
             return defer.fail(TemporaryStoreFailure("the store is closed"))
         if op.small and self._started and self._commitInline(op):
             return op.deferred
-        self._inflight += 1
         (self._fileQueue if op.prepare is not None else self._queue).put(op)
         return op.deferred
 
@@ -635,8 +633,8 @@ class Writer:
         # One wake-up of the reactor for the whole batch.
         self._reactor.callFromThread(self._fireAll, fired)
 
-    def _fireAll(self, fired):
-        self._inflight -= len(fired)
+    @staticmethod
+    def _fireAll(fired):
         for op, result, ok in fired:
             if ok:
                 op.deferred.callback(result)
