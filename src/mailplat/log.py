@@ -15,6 +15,7 @@ LEVELS = ("debug", "info", "warn", "error", "critical")
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 observer = FilteringLogObserver(globalLogPublisher, [_predicate])
+_levelFilter = observer  # (Logger's argument of the same name hides the module's)
 
 _PRIORITY = {level: n for n, level in enumerate(LogLevel.iterconstants())}
 #: The priority of the lowest level written (set by L{setLevel}).
@@ -42,7 +43,7 @@ class Logger(_TwistedLogger):
             # The module that made this logger (Twisted's default would name
             # this one).
             namespace = sys._getframe(1).f_globals.get("__name__", "<unknown>")
-        super().__init__(namespace, source, globals()["observer"] if observer is None else observer)
+        super().__init__(namespace, source, _levelFilter if observer is None else observer)
 
     def emit(self, level, format=None, **kwargs):
         if _PRIORITY.get(level, len(_PRIORITY)) < _lowest[0]:
