@@ -755,6 +755,58 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         self.assertEqual(files, [])
 
     @defer.inlineCallbacks
+    def test_expungedFilesGoOnlyOnceTheExpungeIsDurable(self):
+        """An expunge commits without an fsync; files it frees are removed after a WAL fsync that covers it."""
+        from mailplat.store import writer
+
+        syncs = []
+        real = writer._syncWal
+
+        def syncWal(path):
+            real(path)
+            syncs.append(sorted(f for _, _, fs in os.walk(os.path.join(self.directory, "messages")) for f in fs))
+
+        self.store.inlineMax = 0
+        yield self.store.append(self.user, "INBOX", MSG)
+        yield self.store.append(self.user, "INBOX", MSG)
+        self.store.inlineMax = SQLiteStore.INLINE_MAX
+        yield self.store.append(self.user, "INBOX", MSG)
+        files = sorted(f for _, _, fs in os.walk(os.path.join(self.directory, "messages")) for f in fs)
+        self.assertEqual(len(files), 2)
+        self.patch(writer, "_syncWal", syncWal)
+        yield self.store.storeFlags(self.user, "INBOX", [1, 3], "add", ["\\Deleted"])
+        self.assertEqual((yield self.store.expunge(self.user, "INBOX", [3])), [3])
+        self.assertEqual(syncs, [], "content kept in the index goes without an fsync")
+        self.assertEqual((yield self.store.expunge(self.user, "INBOX")), [1])
+        self.assertEqual(len(syncs), 1)
+        self.assertEqual(syncs[0], files, "both files were still there when the WAL was synced")
+        left = [f for _, _, fs in os.walk(os.path.join(self.directory, "messages")) for f in fs]
+        self.assertEqual(len(left), 1)
+        self.assertEqual([m.uid for m in (yield self.store.fetchMeta(self.user, "INBOX"))], [2])
+
+    @defer.inlineCallbacks
+    def test_expungeOfManyMessagesLeavesTheReactorThread(self):
+        """An expunge that finds more than a few messages is committed by the commit thread."""
+        import threading
+
+        for _ in range(self.store._inlineRows + 6):
+            yield self.store.append(self.user, "INBOX", MSG)
+        n = self.store._inlineRows + 6
+        yield self.store.storeFlags(self.user, "INBOX", list(range(1, n + 1)), "add", ["\\Deleted"])
+        threads = []
+        original = SQLiteStore._mailboxRow
+
+        def mailboxRow(db, user, name):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return original(db, user, name)
+
+        self.patch(self.store, "_mailboxRow", mailboxRow)
+        gone = yield self.store.expunge(self.user, "INBOX")
+        self.assertEqual(gone, list(range(1, n + 1)))
+        self.assertEqual(threads, [True, False], "tried inline, then done in the commit thread")
+        self.assertEqual((yield self.store.fetchMeta(self.user, "INBOX")), [])
+
+    @defer.inlineCallbacks
     def test_mailboxNamesNeverBecomePaths(self):
         yield self.store.createMailbox(self.user, "..\\..\\evil")
         yield self.store.append(self.user, "..\\..\\evil", MSG)

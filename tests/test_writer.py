@@ -8,7 +8,8 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from mailplat.interfaces.storage import TemporaryStoreFailure
-from mailplat.store.writer import Database, WriteOp
+from mailplat.store import writer
+from mailplat.store.writer import Database, NotSmall, WriteOp
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS log (n INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT NOT NULL);"
 
@@ -298,3 +299,135 @@ class InlineCommitTests(unittest.TestCase):
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, after=lambda r: None).small)
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, onFailure=lambda: None).small)
         self.assertTrue(WriteOp(lambda db: None, durable=False, small=True).small)
+
+
+class SyncStageTests(unittest.TestCase):
+    """Durable commits are made durable by an fsync of the WAL after the write lock is released."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "t.sqlite")
+        self.syncs = []
+        self.gate = None
+        self.entered = threading.Event()
+        self.failWith = None
+        real = writer._syncWal
+
+        def syncWal(path):
+            self.entered.set()
+            if self.gate is not None:
+                self.gate.wait(10)
+            if self.failWith is not None:
+                raise self.failWith
+            real(path)
+            self.syncs.append(path)
+
+        self.patch(writer, "_syncWal", syncWal)
+        self.db = Database(self.path, SCHEMA, reactor, "test-writer")
+        self.db.start()
+        self.addCleanup(self.db.stop)
+
+    def insert(self, what, **kw):
+        return self.db.submit(WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES (?)", (what,)).lastrowid, **kw))
+
+    @defer.inlineCallbacks
+    def test_onlyDurableCommitsSyncTheWal(self):
+        yield self.insert("lazy", durable=False)
+        self.assertEqual(self.syncs, [])
+        yield self.insert("durable")
+        self.assertEqual(self.syncs, [self.path])
+
+    @defer.inlineCallbacks
+    def test_theWriteLockIsFreeWhileTheWalSyncs(self):
+        """Neither a small change here nor another process's commit waits for a durable commit's fsync."""
+        import sqlite3
+
+        self.gate = threading.Event()
+        durable = self.insert("durable")
+        self.assertTrue(self.entered.wait(10))
+        for _ in range(100):
+            if not self.db.writer._txLock.locked():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        small = self.db.submit(
+            WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES ('small')").lastrowid, durable=False, small=True)
+        )
+        self.assertEqual(self.successResultOf(small), 2)
+        other = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO log (what) VALUES ('other')")
+        other.execute("COMMIT")
+        self.assertNoResult(durable)
+        self.gate.set()
+        self.assertEqual((yield durable), 1)
+
+    @defer.inlineCallbacks
+    def test_batchesFireInCommitOrderBehindASync(self):
+        """Batches committed while an earlier one waits for its fsync fire after it, in order."""
+        self.gate = threading.Event()
+        applying = threading.Event()
+        release = threading.Event()
+        order = []
+
+        def first(db):
+            applying.set()
+            release.wait(10)
+            return db.execute("INSERT INTO log (what) VALUES ('first')").lastrowid
+
+        d1 = self.db.submit(WriteOp(first))
+        self.assertTrue(applying.wait(10))
+        # Queued while the first is being applied: it goes to the sync
+        # thread, and these commit while it waits there.
+        d2 = self.insert("second")
+        d3 = self.insert("third", durable=False)
+        for d, name in ((d1, "first"), (d2, "second"), (d3, "third")):
+            d.addCallback(lambda r, name=name: order.append(name) or r)
+        release.set()
+        self.assertTrue(self.entered.wait(10))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(order, [])
+        self.gate.set()
+        self.assertEqual((yield defer.gatherResults([d1, d2, d3])), [1, 2, 3])
+        self.assertEqual(order, ["first", "second", "third"])
+
+    @defer.inlineCallbacks
+    def test_failedSyncIsATemporaryFailureAndKeepsFiles(self):
+        """
+        A commit whose fsync failed is not reported done; neither its
+        post-commit step (removing files it dropped) nor its failure step
+        (removing files it added) runs: the rows may well be on disk.
+        """
+        self.failWith = OSError(5, "Input/output error")
+        steps = []
+        d = self.insert("x", after=lambda r: steps.append("after"), onFailure=lambda: steps.append("undo"))
+        yield self.assertFailure(d, TemporaryStoreFailure)
+        self.assertEqual(steps, [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.failWith = None
+        self.assertEqual((yield self.insert("y")), 2)
+
+
+class InlineNotSmallTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.db = Database(os.path.join(self.dir, "t.sqlite"), SCHEMA, reactor, "test-writer")
+        self.db.start()
+        self.addCleanup(self.db.stop)
+
+    @defer.inlineCallbacks
+    def test_aSmallChangeThatFindsMoreGoesToTheCommitThread(self):
+        seen = []
+
+        def apply(db):
+            seen.append((threading.current_thread() is threading.main_thread(), self.db.inline))
+            db.execute("INSERT INTO log (what) VALUES ('big')")
+            if self.db.inline:
+                raise NotSmall()
+            return db.execute("SELECT count(*) FROM log").fetchone()[0]
+
+        d = self.db.submit(WriteOp(apply, durable=False, small=True))
+        self.assertEqual((yield d), 1, "the inline attempt was rolled back")
+        self.assertEqual(seen, [(True, True), (False, False)])

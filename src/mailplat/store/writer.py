@@ -2,15 +2,18 @@
 Group commit for SQLite + files: one write pipeline per database.
 
 Write operations are queued from the reactor thread and executed in batches
-by three threads in a row (L{Writer}): the files thread writes the batch's
+by four threads in a row (L{Writer}): the files thread writes the batch's
 files and makes them (and the directories they were linked into) durable
 together; the commit thread applies every ready operation in one
-transaction and commits it once (one WAL fsync with C{synchronous=FULL});
-the completion thread runs the post-commit steps (a batch without any goes
-straight from the commit thread) and the operations' Deferreds fire on the
-reactor thread, in commit order, one wake-up of the reactor per batch.  Under load many
-sessions' messages share one round of fsyncs; alone, a message costs what
-it must.
+transaction and commits it once; the sync thread makes committed batches
+durable with one fsync of the WAL for all that are waiting (what
+C{synchronous=FULL} does inside the commit, but after the write lock is
+released: no other commit, of this process or another, waits for it, and
+the next batch commits while this one syncs); the completion thread runs
+the post-commit steps (a batch without any goes straight on) and the
+operations' Deferreds fire on the reactor thread, in commit order, one
+wake-up of the reactor per batch.  Under load many sessions' messages
+share one round of fsyncs; alone, a message costs what it must.
 
 Each operation is isolated by a SAVEPOINT: one that raises is rolled back and
 fails alone, the rest of its batch commits.
@@ -149,11 +152,13 @@ class WriteOp:
 
     C{small=True} (only with C{durable=False} and no C{prepare}, C{after}
     or C{onFailure})
-    marks a change of a few rows, known when it is submitted (a flag change
-    of a few messages): when the commit thread is not in a transaction and
-    no other process holds the database's write lock, it is committed at
-    once in the calling (reactor) thread, without an fsync, instead of
-    making the round of the threads.  It may so commit before operations
+    marks a change of a few rows (a flag change of a few messages): when
+    the commit thread is not in a transaction and no other process holds
+    the database's write lock, it is committed at once in the calling
+    (reactor) thread, without an fsync, instead of making the round of the
+    threads.  Its C{apply} may raise L{NotSmall} when it finds more to do
+    than it expected (L{Writer.inline} says whether it runs inline): that
+    is rolled back and the change goes to the commit thread.  It may so commit before operations
     submitted earlier and still under way: use it only for a change whose
     caller has none of its own under way (a session waits for each
     change), as other callers' changes are concurrent with it anyway.
@@ -203,7 +208,11 @@ def _beginImmediate(db) -> None:
 
 
 class NotSmall(Exception):
-    """Raised by a read started inline that found it has more to do: it runs again in a thread."""
+    """
+    Raised by a read started inline, or by the C{apply} of a small change
+    being committed inline, that found it has more to do: it runs again in
+    a thread (the change: in the commit thread, as a change not small).
+    """
 
 
 class Database:
@@ -283,8 +292,8 @@ class Database:
 
     @property
     def inline(self) -> bool:
-        """Whether the read running in this thread was started inline (it may raise L{NotSmall})."""
-        return getattr(self._local, "inline", False)
+        """Whether the read or change running in this thread was started inline (it may raise L{NotSmall})."""
+        return getattr(self._local, "inline", False) or self.writer.inline
 
 
 class _Prepared:
@@ -301,16 +310,40 @@ _STOP = object()
 _FILES_DONE = object()
 
 
+def _syncWal(dbPath: str) -> None:
+    """
+    Make every transaction committed to C{dbPath}'s WAL so far durable.
+
+    A commit with C{synchronous=NORMAL} has written its frames (and, after a
+    checkpoint, a synced new WAL header); an fdatasync of the WAL file then
+    does what C{synchronous=FULL} would have done at the commit.  Without a
+    WAL file (the last connection closed it after a checkpoint, which
+    synced the database) there is nothing left to sync.
+    """
+    try:
+        fd = os.open(dbPath + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 class Writer:
     """
-    The write pipeline of one database, three threads in a row:
+    The write pipeline of one database, four threads in a row:
 
       1. I{files}: operations that write files (C{prepare}) are prepared
          in batches and their files synced together;
       2. I{commit}: every operation that is ready (its files durable, or
          none to write) is applied in one transaction per batch and
-         committed (an fsync of the WAL when any of them is durable);
-      3. I{completion}: each committed operation's C{after} step runs
+         committed without an fsync (C{synchronous=NORMAL});
+      3. I{sync}: one fdatasync of the WAL makes every batch committed
+         before it durable (batches with a durable operation wait for it;
+         the others pass through, to keep commit order, or skip this
+         thread when nothing is waiting in it);
+      4. I{completion}: each committed operation's C{after} step runs
          (unlinking files the transaction removed) and its Deferred fires,
          in commit order; a batch without C{after} steps skips this thread
          when it has nothing queued.
@@ -332,7 +365,11 @@ class Writer:
         # between stages is most of what a small write costs.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # to the commit stage
         self._fileQueue: queue.SimpleQueue = queue.SimpleQueue()
+        self._syncQueue: queue.SimpleQueue = queue.SimpleQueue()
         self._doneQueue: queue.SimpleQueue = queue.SimpleQueue()
+        #: Committed batches given to the sync stage and not yet passed on.
+        self._syncBacklog = 0
+        self._syncLock = threading.Lock()
         #: Items given to the completion stage and not yet passed on to
         #: the reactor; while there are none, a batch with no post-commit
         #: steps is passed on by the commit stage itself (order is kept:
@@ -343,12 +380,14 @@ class Writer:
         self._threads = [
             threading.Thread(target=self._runFiles, name=name + "-files", daemon=True),
             threading.Thread(target=self._run, name=name, daemon=True),
+            threading.Thread(target=self._runSync, name=name + "-sync", daemon=True),
             threading.Thread(target=self._runCompletion, name=name + "-done", daemon=True),
         ]
         self._started = False
         self._stopped = False
         self._inlineDb = None
         self._txLock = threading.Lock()
+        self._local = threading.local()
         self._inlineCommits = 0
         self._checkpointing = False
         self._checkpointDone = None  # the Deferred of the checkpoint under way
@@ -357,6 +396,11 @@ class Writer:
     #: checkpoint runs in a thread (their connection never checkpoints: that
     #: would fsync in the reactor's thread).
     CHECKPOINT_EVERY = 256
+
+    @property
+    def inline(self) -> bool:
+        """Whether a small change is being committed inline in this thread (its C{apply} may raise L{NotSmall})."""
+        return getattr(self._local, "inline", False)
 
     def start(self):
         for t in self._threads:
@@ -417,9 +461,13 @@ class Writer:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return False
+        self._local.inline = True
         try:
             result = op.apply(db)
             db.execute("COMMIT")
+        except NotSmall:
+            db.execute("ROLLBACK")
+            return False
         except Exception:
             f = Failure()
             try:
@@ -431,6 +479,8 @@ class Writer:
                 f = Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
             op.deferred.errback(f)
             return True
+        finally:
+            self._local.inline = False
         self._inlineCommits += 1
         if self._inlineCommits >= self.CHECKPOINT_EVERY and not self._checkpointing:
             self._checkpoint()
@@ -518,6 +568,8 @@ class Writer:
         db = connect(self._path)
         # Waiting for another process's write lock is _beginImmediate's.
         db.execute("PRAGMA busy_timeout=0")
+        # The sync stage makes durable commits durable, outside the lock.
+        db.execute("PRAGMA synchronous=NORMAL")
         try:
             while True:
                 item = self._queue.get()
@@ -535,18 +587,18 @@ class Writer:
                     break
         finally:
             db.close()
-            self._doneQueue.put(_STOP)
+            self._syncQueue.put(_STOP)
 
     def _commit(self, db, live):
         with self._txLock:
-            self._commitLocked(db, live)
+            results = self._commitLocked(db, live)
+        if results is not None:
+            self._committed(live, results)
 
     def _commitLocked(self, db, live):
+        """Apply and commit C{live}: the results, or None when the batch failed as a whole."""
         results = []
-        lazy = not any(op.durable for op in live)
         try:
-            if lazy:
-                db.execute("PRAGMA synchronous=NORMAL")
             _beginImmediate(db)
             if len(live) == 1:
                 # One operation: no savepoint; if it fails, nothing commits.
@@ -557,8 +609,7 @@ class Writer:
                     db.execute("ROLLBACK")
                 else:
                     db.execute("COMMIT")
-                self._committed(live, results)
-                return
+                return results
             for i, op in enumerate(live):
                 db.execute(f"SAVEPOINT op{i}")
                 try:
@@ -578,21 +629,76 @@ class Writer:
                 pass
             for op in live:
                 self._toDone((op, f))
-            return
-        finally:
-            if lazy:
-                db.execute("PRAGMA synchronous=FULL")
-        self._committed(live, results)
+            return None
+        return results
 
-    # --- stage 3: completion ----------------------------------------------------
+    # --- stage 3: sync ----------------------------------------------------------
+
+    def _committed(self, live, results):
+        """(Commit thread.)  Pass a committed batch on: to the sync stage if it must be made durable or others wait there."""
+        durable = any(ok and op.durable for op, (ok, _) in zip(live, results))
+        with self._syncLock:
+            through = self._syncBacklog > 0 or durable and not self._queue.empty()
+            if through:
+                self._syncBacklog += 1
+        if through:
+            self._syncQueue.put((durable, live, results))
+            return
+        if durable:
+            # Nothing else to commit yet: sync here, one thread switch fewer.
+            failure = self._sync()
+            if failure is not None:
+                results = self._notDurable(results, failure)
+        self._passOn(live, results)
+
+    def _sync(self):
+        """Sync the WAL: None, or the failure to give the operations it was to make durable."""
+        try:
+            _syncWal(self._path)
+        except Exception:
+            _log.failure("fsync of the WAL failed", Failure())
+            return Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
+        return None
+
+    @staticmethod
+    def _notDurable(results, failure):
+        # Committed, but not known to be on disk: the caller must not take
+        # it as done (a retry may duplicate it, which loses nothing), and
+        # neither its post-commit step (unlinking what it removed) nor its
+        # failure step (unlinking what it added) may run: None marks that.
+        return [(None, failure) if ok else (ok, v) for ok, v in results]
+
+    def _runSync(self):
+        while True:
+            item = self._syncQueue.get()
+            if item is _STOP:
+                self._doneQueue.put(_STOP)
+                return
+            batches, sentinel = self._drain(self._syncQueue, item, self._maxBatch)
+            failure = None
+            if any(durable for durable, _, _ in batches):
+                failure = self._sync()
+            for durable, live, results in batches:
+                try:
+                    if durable and failure is not None:
+                        results = self._notDurable(results, failure)
+                    self._passOn(live, results)
+                finally:
+                    with self._syncLock:
+                        self._syncBacklog -= 1
+            if sentinel is not None:
+                self._doneQueue.put(_STOP)
+                return
+
+    # --- stage 4: completion ----------------------------------------------------
 
     def _toDone(self, item):
         with self._doneLock:
             self._doneBacklog += 1
         self._doneQueue.put(item)
 
-    def _committed(self, live, results):
-        """(Commit thread.)  Pass a committed batch on: straight to the reactor when nothing is left to do."""
+    def _passOn(self, live, results):
+        """(Commit or sync thread.)  Pass a durable batch on: straight to the reactor when nothing is left to do."""
         if all(ok and op.after is None for op, (ok, _) in zip(live, results)):
             with self._doneLock:
                 direct = self._doneBacklog == 0
@@ -619,6 +725,9 @@ class Writer:
             return
         fired = []
         for op, (ok, value) in zip(target, outcome):
+            if ok is None:  # committed but not known durable: leave its files be
+                fired.append((op, value, False))
+                continue
             if ok and op.after is not None:
                 try:
                     op.after(value)
