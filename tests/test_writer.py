@@ -431,3 +431,14 @@ class InlineNotSmallTests(unittest.TestCase):
         d = self.db.submit(WriteOp(apply, durable=False, small=True))
         self.assertEqual((yield d), 1, "the inline attempt was rolled back")
         self.assertEqual(seen, [(True, True), (False, False)])
+
+
+class ConnectionTests(unittest.TestCase):
+    def test_temporaryStorageInMemory(self):
+        """Statement journals and sorts never become files in /var/tmp (created and unlinked per change)."""
+        from mailplat.store.writer import connect
+
+        db = connect(os.path.join(os.path.abspath(self.mktemp()) + ".sqlite"))
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA temp_store").fetchone()[0], 2)
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")

@@ -1407,10 +1407,11 @@ class SQLiteStore:
 
     @staticmethod
     def _usage(db, user):
+        # The mailboxes' kept counts: a sum over an account's mailboxes,
+        # not over its messages (this runs inside every delivery's write
+        # transaction when the account has a quota).
         return db.execute(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages WHERE mailbox IN"
-            " (SELECT id FROM mailboxes WHERE user=?)",
-            (user,),
+            "SELECT COALESCE(SUM(nsize), 0), COALESCE(SUM(nmessages), 0) FROM mailboxes WHERE user=?", (user,)
         ).fetchone()
 
     def getQuota(self, user):

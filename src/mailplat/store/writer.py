@@ -179,6 +179,10 @@ def connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
+    # Statement journals (a DELETE that fires triggers, an INSERT OR
+    # REPLACE) and sorts in memory: as files, each is created, unlinked
+    # and written in /var/tmp, several system calls per change.
+    db.execute("PRAGMA temp_store=MEMORY")
     return db
 
 
