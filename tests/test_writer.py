@@ -157,6 +157,24 @@ class ReadTests(unittest.TestCase):
         self.assertNotEqual(seen[1][0], threading.get_ident())
         self.assertFalse(seen[1][1])
 
+    def test_inlineReadSharesTheInlineCommitsConnection(self):
+        """Its page cache is not emptied by the small changes committed on the same connection."""
+        seen = []
+        self.successResultOf(self.db.read(lambda db: seen.append(db), inline=True))
+        self.assertIs(seen[0], self.db.writer.inlineConnection())
+
+    @defer.inlineCallbacks
+    def test_inlineReadThatMeetsALockRunsInAThread(self):
+        import sqlite3
+
+        class Locked:
+            def execute(self, *a):
+                raise sqlite3.OperationalError("database is locked")
+
+        self.patch(self.db.writer, "inlineConnection", Locked)
+        result = yield self.db.read(lambda db: db.execute("SELECT 7").fetchone()[0], inline=True)
+        self.assertEqual(result, 7)
+
     @defer.inlineCallbacks
     def test_plainReadRunsInAThread(self):
         ident = yield self.db.read(lambda db: threading.get_ident())

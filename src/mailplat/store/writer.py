@@ -263,7 +263,8 @@ class Database:
         """
         Run C{f(connection, *args)} in a read transaction; a Deferred that
         fires with its result.  In a thread of the reactor's pool; or, with
-        C{inline}, at once in the calling thread, for a read known to be
+        C{inline}, at once in the calling (reactor) thread, on the
+        connection small changes are committed on there, for a read known to be
         small (a few rows found by index: cheaper than the two thread
         switches) -- unless C{f} raises L{NotSmall}, which sends it to the
         pool after all.  Without C{transaction}, each statement of C{f}
@@ -272,8 +273,9 @@ class Database:
         """
         from twisted.internet.threads import deferToThreadPool
 
-        def run():
-            db = self.connection()
+        def run(db=None):
+            if db is None:
+                db = self.connection()
             if not transaction:
                 return f(db, *args)
             db.execute("BEGIN")
@@ -285,9 +287,16 @@ class Database:
         if inline:
             self._local.inline = True
             try:
-                return defer.succeed(run())
+                # The connection this thread's small changes are committed
+                # on: its page cache stays valid across its own commits.
+                return defer.succeed(run(self.writer.inlineConnection()))
             except NotSmall:
                 pass
+            except sqlite3.OperationalError as e:
+                # (No busy handler on that connection: a read that meets a
+                # lock -- a WAL being recovered -- waits in a thread.)
+                if "locked" not in str(e) and "busy" not in str(e):
+                    return defer.fail()
             except BaseException:
                 return defer.fail()
             finally:
@@ -442,14 +451,19 @@ class Writer:
         (self._fileQueue if op.prepare is not None else self._queue).put(op)
         return op.deferred
 
-    def _commitInline(self, op) -> bool:
-        """Commit C{op} now, in this thread; False (nothing done) when the database is locked."""
+    def inlineConnection(self) -> sqlite3.Connection:
+        """The reactor thread's connection: small changes committed inline, and inline reads."""
         db = self._inlineDb
         if db is None:
             db = self._inlineDb = connect(self._path)
             db.execute("PRAGMA busy_timeout=0")  # locked: the writer's threads take it
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=0")
+        return db
+
+    def _commitInline(self, op) -> bool:
+        """Commit C{op} now, in this thread; False (nothing done) when the database is locked."""
+        db = self.inlineConnection()
         # The commit thread's transactions and these exclude each other here,
         # so neither meets the other's lock in SQLite (whose busy handler
         # sleeps a millisecond or more).
