@@ -14,6 +14,18 @@ from mailplat.store.writer import Database, NotSmall, WriteOp
 SCHEMA = "CREATE TABLE IF NOT EXISTS log (n INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT NOT NULL);"
 
 
+def heldInsert(what):
+    """An operation whose apply() waits inside its transaction: it, an Event set once there, one that lets it go."""
+    entered, release = threading.Event(), threading.Event()
+
+    def apply(db):
+        entered.set()
+        release.wait(10)
+        return db.execute("INSERT INTO log (what) VALUES (?)", (what,)).lastrowid
+
+    return WriteOp(apply), entered, release
+
+
 class WriterTests(unittest.TestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
@@ -237,15 +249,8 @@ class InlineCommitTests(unittest.TestCase):
         small change up; while the commit thread is in a transaction, the
         small change takes the threads' way, after it.
         """
-        gate = threading.Event()
-        entered = threading.Event()
-
-        def slow(db):
-            entered.set()
-            gate.wait(10)
-            return db.execute("INSERT INTO log (what) VALUES ('slow')").lastrowid
-
-        first = self.db.submit(WriteOp(slow))
+        op, entered, gate = heldInsert("slow")
+        first = self.db.submit(op)
         self.assertTrue(entered.wait(10))
         second = self.small("queued")  # the commit thread holds the transaction
         self.assertNoResult(second)
@@ -385,16 +390,9 @@ class SyncStageTests(unittest.TestCase):
     def test_batchesFireInCommitOrderBehindASync(self):
         """Batches committed while an earlier one waits for its fsync fire after it, in order."""
         self.gate = threading.Event()
-        applying = threading.Event()
-        release = threading.Event()
         order = []
-
-        def first(db):
-            applying.set()
-            release.wait(10)
-            return db.execute("INSERT INTO log (what) VALUES ('first')").lastrowid
-
-        d1 = self.db.submit(WriteOp(first))
+        op, applying, release = heldInsert("first")
+        d1 = self.db.submit(op)
         self.assertTrue(applying.wait(10))
         # Queued while the first is being applied: it goes to the sync
         # thread, and these commit while it waits there.
@@ -428,12 +426,7 @@ class SyncStageTests(unittest.TestCase):
 
 
 class InlineNotSmallTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.db = Database(os.path.join(self.dir, "t.sqlite"), SCHEMA, reactor, "test-writer")
-        self.db.start()
-        self.addCleanup(self.db.stop)
+    setUp = WriterTests.setUp
 
     @defer.inlineCallbacks
     def test_aSmallChangeThatFindsMoreGoesToTheCommitThread(self):
