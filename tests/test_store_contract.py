@@ -785,6 +785,29 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         self.assertEqual([m.uid for m in (yield self.store.fetchMeta(self.user, "INBOX"))], [2])
 
     @defer.inlineCallbacks
+    def test_anAppendDoesNotOvertakeOneUnderWay(self):
+        """
+        Content kept in the index is committed in the calling thread only
+        while no other append is under way (one sent to the commit thread
+        must not be overtaken: MULTIAPPEND keeps its order).
+        """
+        smalls = []
+        real = self.store._write
+
+        def write(apply, *a, **kw):
+            smalls.append(kw.get("small", False))
+            return real(apply, *a, **kw)
+
+        self.patch(self.store, "_write", write)
+        first = self.store.append(self.user, "INBOX", MSG)
+        second = self.store.append(self.user, "INBOX", MSG + b"2")
+        self.assertEqual([(yield first)[1], (yield second)[1]], [1, 2])
+        yield self.store.append(self.user, "INBOX", MSG + b"3")
+        self.assertEqual(smalls, [True, False, True])
+        contents = yield self.store.getContents(self.user, "INBOX", [1, 2, 3])
+        self.assertEqual([contents[u] for u in (1, 2, 3)], [MSG, MSG + b"2", MSG + b"3"])
+
+    @defer.inlineCallbacks
     def test_expungeOfManyMessagesLeavesTheReactorThread(self):
         """An expunge that finds more than a few messages is committed by the commit thread."""
         import threading

@@ -316,8 +316,30 @@ class InlineCommitTests(unittest.TestCase):
         self.assertEqual(frames, done)
         self.assertEqual((yield self.rows()), [f"r{i}" for i in range(5)])
 
-    def test_notForDurableOrFileChanges(self):
-        self.assertFalse(WriteOp(lambda db: None, small=True).small)
+    @defer.inlineCallbacks
+    def test_durableCommittedAtOnceWaitsForTheSync(self):
+        """A small durable change commits in this thread; its Deferred fires once the sync stage synced the WAL."""
+        gate = threading.Event()
+        synced = []
+        real = writer._syncWal
+
+        def syncWal(path):
+            gate.wait(10)
+            real(path)
+            synced.append(path)
+
+        self.patch(writer, "_syncWal", syncWal)
+        d = self.db.submit(
+            WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES ('durable')").lastrowid, small=True)
+        )
+        self.assertNoResult(d)
+        self.assertEqual((yield self.rows()), ["durable"], "committed already")
+        gate.set()
+        self.assertEqual((yield d), 1)
+        self.assertEqual(synced, [self.path])
+
+    def test_notForFileChanges(self):
+        self.assertTrue(WriteOp(lambda db: None, small=True).small)
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, prepare=lambda: ([], [])).small)
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, after=lambda r: None).small)
         self.assertFalse(WriteOp(lambda db: None, durable=False, small=True, onFailure=lambda: None).small)

@@ -150,13 +150,14 @@ class WriteOp:
     changes commits without an fsync; it becomes durable with the next
     durable commit (SQLite WAL keeps commits in order).
 
-    C{small=True} (only with C{durable=False} and no C{prepare}, C{after}
-    or C{onFailure})
-    marks a change of a few rows (a flag change of a few messages): when
-    the commit thread is not in a transaction and no other process holds
-    the database's write lock, it is committed at once in the calling
-    (reactor) thread, without an fsync, instead of making the round of the
-    threads.  Its C{apply} may raise L{NotSmall} when it finds more to do
+    C{small=True} (only without C{prepare}, C{after} or C{onFailure})
+    marks a change of a few rows (a flag change of a few messages, a
+    message kept in the index): when the commit thread is not in a
+    transaction and no other process holds the database's write lock, it
+    is committed at once in the calling (reactor) thread instead of making
+    the round of the threads -- without an fsync; a durable one's Deferred
+    fires once the sync stage has synced the WAL, after every batch the
+    commit thread committed before it.  Its C{apply} may raise L{NotSmall} when it finds more to do
     than it expected (L{Writer.inline} says whether it runs inline): that
     is rolled back and the change goes to the commit thread.  It may so commit before operations
     submitted earlier and still under way: use it only for a change whose
@@ -165,7 +166,7 @@ class WriteOp:
     """
 
     def __init__(self, apply, prepare=None, after=None, onFailure=None, durable=True, small=False):
-        self.small = small and not durable and prepare is None and after is None and onFailure is None
+        self.small = small and prepare is None and after is None and onFailure is None
         self.durable = durable
         self.apply = apply
         self.prepare = prepare
@@ -502,7 +503,13 @@ class Writer:
         self._inlineCommits += 1
         if self._inlineCommits >= self.CHECKPOINT_EVERY and not self._checkpointing:
             self._checkpoint()
-        op.deferred.callback(result)
+        if op.durable:
+            # Committed without an fsync: the sync stage makes it durable.
+            with self._syncLock:
+                self._syncBacklog += 1
+            self._syncQueue.put((True, [op], [(True, result)]))
+        else:
+            op.deferred.callback(result)
         return True
 
     def _checkpoint(self):
