@@ -238,6 +238,11 @@ class InlineCommitTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), 1)  # fired before submit returned
         self.assertEqual((yield self.rows()), ["a"])
 
+    def test_firedWithTheLockReleased(self):
+        """What a caller does when its small change is committed may commit inline too."""
+        d = self.small("first").addCallback(lambda _: self.small("next"))
+        self.assertEqual(self.successResultOf(d), 2)
+
     def test_failureRollsBack(self):
         self.failureResultOf(self.small("bad", fail=True), ValueError)
         self.assertEqual(self.successResultOf(self.small("good")), 1)

@@ -471,22 +471,35 @@ class Writer:
         if not self._txLock.acquire(blocking=False):
             return False
         try:
-            return self._commitInlineLocked(db, op)
+            outcome = self._commitInlineLocked(db, op)
         finally:
             self._txLock.release()
+        if outcome is None:
+            return False
+        # Fired with the lock released: what the caller does next may
+        # commit inline too.
+        ok, value = outcome
+        if ok is None:
+            pass  # durable: the sync stage fires it
+        elif ok:
+            op.deferred.callback(value)
+        else:
+            op.deferred.errback(value)
+        return True
 
-    def _commitInlineLocked(self, db, op) -> bool:
+    def _commitInlineLocked(self, db, op):
+        """(True, result), (False, failure), (None, None) when the sync stage takes it on; None if not done."""
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
-            return False
+            return None
         self._local.inline = True
         try:
             result = op.apply(db)
             db.execute("COMMIT")
         except NotSmall:
             db.execute("ROLLBACK")
-            return False
+            return None
         except Exception:
             f = Failure()
             try:
@@ -496,8 +509,7 @@ class Writer:
             if isinstance(f.value, sqlite3.OperationalError):
                 _log.failure("store commit failed", f)
                 f = Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
-            op.deferred.errback(f)
-            return True
+            return (False, f)
         finally:
             self._local.inline = False
         self._inlineCommits += 1
@@ -508,9 +520,8 @@ class Writer:
             with self._syncLock:
                 self._syncBacklog += 1
             self._syncQueue.put((True, [op], [(True, result)]))
-        else:
-            op.deferred.callback(result)
-        return True
+            return (None, None)
+        return (True, result)
 
     def _checkpoint(self):
         from twisted.internet.threads import deferToThreadPool
