@@ -808,6 +808,20 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         self.assertEqual([contents[u] for u in (1, 2, 3)], [MSG, MSG + b"2", MSG + b"3"])
 
     @defer.inlineCallbacks
+    def test_recentClaimOfAFewIsCommittedAtOnce(self):
+        """SELECT waits for its \\Recent claim: a claim of a few commits in the calling thread, many in the commit thread."""
+        for _ in range(3):
+            yield self.store.append(self.user, "INBOX", MSG)
+        self.assertEqual(self.successResultOf(self.store.claimRecent(self.user, "INBOX")), [1, 2, 3])
+        n = self.store._inlineRows + 1
+        for _ in range(n):
+            yield self.store.append(self.user, "INBOX", MSG)
+        d = self.store.claimRecent(self.user, "INBOX")
+        self.assertNoResult(d)
+        self.assertEqual((yield d), list(range(4, 4 + n)))
+        self.assertEqual(self.successResultOf(self.store.claimRecent(self.user, "INBOX")), [])
+
+    @defer.inlineCallbacks
     def test_expungeOfManyMessagesLeavesTheReactorThread(self):
         """An expunge that finds more than a few messages is committed by the commit thread."""
         import threading

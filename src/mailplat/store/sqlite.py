@@ -1397,13 +1397,17 @@ class SQLiteStore:
         def apply(db):
             mid = self._mailboxRow(db, user, mailbox)[0]
             uids = [r[0] for r in db.execute("SELECT uid FROM messages INDEXED BY messages_recent WHERE mailbox=? AND recent=1 ORDER BY uid", (mid,))]
+            if len(uids) > self._inlineRows and self._db.inline:
+                raise NotSmall()
             if uids:
                 db.execute("UPDATE messages INDEXED BY messages_recent SET recent=0 WHERE mailbox=? AND recent=1", (mid,))
             return uids
 
         # \Recent is advisory (RFC 3501 2.3.2): losing a claim in a crash is
-        # harmless, so it is not worth an fsync on every SELECT.
-        return self._write(apply, durable=False)
+        # harmless, so it is not worth an fsync on every SELECT; a claim of
+        # a few messages commits at once in this thread when it can (every
+        # SELECT waits for it).
+        return self._write(apply, durable=False, small=True)
 
     def addListener(self, user, listener):
         return self._listeners.add(user, listener)
