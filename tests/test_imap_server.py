@@ -508,6 +508,17 @@ class StoreSearchExpungeTests(Base):
         assert line.startswith(b"* SEARCH"), out
         return [int(x) for x in line.split()[2:]]
 
+    def test_anAnswerIsOneWrite(self):
+        """A command's untagged responses, the other sessions' news and its tagged answer go out in one write."""
+        other = self.loggedIn(select=b"INBOX")
+        other.ok(b"o STORE 2 +FLAGS ($Other)")
+        writes = []
+        real = self.c.transport.write
+        self.c.transport.write = lambda data: (writes.append(data), real(data))[1]
+        out = self.c.ok(b"a STORE 1 +FLAGS (\\Flagged)")
+        assert b"* 1 FETCH (FLAGS" in out and b"* 2 FETCH (FLAGS" in out, out
+        self.assertEqual(writes, [out])
+
     def test_store(self):
         c = self.c
         out = c.ok(b"a STORE 1 +FLAGS (\\Deleted $Label)")

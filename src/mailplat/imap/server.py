@@ -286,6 +286,12 @@ class IMAPServerProtocol(Protocol):
         self._writePaused = False
         self._writeWaiters: list = []
         self._producing = False
+        #: While a command runs, what it writes waits here and goes out in
+        #: one write with its tagged answer (one system call, and one
+        #: wake-up of the client, instead of one per piece); None when
+        #: writes go out at once.
+        self._cork: list | None = None
+        self._corked = 0
 
     # --- write back-pressure (an IPushProducer for the transport) --------
 
@@ -316,6 +322,7 @@ class IMAPServerProtocol(Protocol):
 
     def _drain(self):
         """A Deferred that fires once the transport wants more data (at once if it does)."""
+        self._flushCork()
         if not self._writePaused or self._closed:
             return defer.succeed(None)
         d = defer.Deferred()
@@ -382,11 +389,32 @@ class IMAPServerProtocol(Protocol):
         if not self._closed and self.transport is not None and data:
             if self._deflate is not None:
                 data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
+            if self._cork is not None:
+                self._cork.append(data)
+                self._corked += len(data)
+                if self._corked >= WRITE_CHUNK:
+                    self._flushCork()
+                return
             writeNow(self.transport, data)
+
+    def _flushCork(self):
+        """Write what the running command has written so far (it stays corked)."""
+        if self._cork:
+            data = b"".join(self._cork)
+            self._cork = []
+            self._corked = 0
+            if not self._closed and self.transport is not None:
+                writeNow(self.transport, data)
+
+    def _uncork(self):
+        """Write what waits, and write at once from now on."""
+        self._flushCork()
+        self._cork = None
 
     def _close(self):
         self._state = "logout"
         if not self._closed:
+            self._uncork()
             self.transport.loseConnection()
 
     def _resetTimer(self):
@@ -504,6 +532,13 @@ class IMAPServerProtocol(Protocol):
             return
         self._badCommands = 0
         handler = getattr(self, "cmd_" + name)
+        self._cork = []
+        try:
+            await self._runCorked(cmd, tag, name, handler)
+        finally:
+            self._uncork()
+
+    async def _runCorked(self, cmd, tag, name, handler):
         try:
             result = await handler(cmd)
         except _Reply as r:
@@ -522,6 +557,8 @@ class IMAPServerProtocol(Protocol):
         except Exception:
             _log.failure("IMAP mailbox update failed")
         self._send(tag + b" " + status.encode("ascii") + b" " + text.encode("utf-8") + b"\r\n")
+        # The whole answer goes out before a STARTTLS or COMPRESS takes over.
+        self._uncork()
         if self._closeAfterReply is not None:
             self._send(self._closeAfterReply)
             self._close()
@@ -549,6 +586,9 @@ class IMAPServerProtocol(Protocol):
 
     def _readLine(self):
         """A Deferred firing with the next raw line event (AUTHENTICATE)."""
+        # The client answers what it has been sent (a challenge, "+ idling"),
+        # and what IDLE announces must go out as it happens.
+        self._uncork()
         self._parser.expectRawLine()
         waiter = self._lineWaiter = defer.Deferred()
         self._pump()
@@ -575,6 +615,7 @@ class IMAPServerProtocol(Protocol):
         if self.factory.tlsContextFactory is None or self._secure():
             return ("BAD", "STARTTLS not available")
         self._send(cmd.tag.encode("ascii") + b" OK Begin TLS negotiation now\r\n")
+        self._uncork()  # in the clear, before TLS starts
         # Anything the client sent after STARTTLS in the clear is discarded.
         self._parser.discardBuffered()
         self.transport.startTLS(self.factory.tlsContextFactory)
@@ -675,6 +716,7 @@ class IMAPServerProtocol(Protocol):
         if self._deflate is not None:
             return ("NO", "[COMPRESSIONACTIVE] Compression is already active")
         self._send(cmd.tag.encode("ascii") + b" OK DEFLATE active\r\n")
+        self._uncork()  # uncompressed, before compression starts
         self._deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
         self._inflate = zlib.decompressobj(-15)
         # What the client pipelined after COMPRESS is already compressed.
