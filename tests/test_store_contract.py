@@ -785,6 +785,27 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         self.assertEqual([m.uid for m in (yield self.store.fetchMeta(self.user, "INBOX"))], [2])
 
     @defer.inlineCallbacks
+    def test_aFlagChangeThatChangesNothingDoesNotWrite(self):
+        yield self.store.append(self.user, "INBOX", MSG, flags=["\\Flagged"])
+        writes = []
+        real = self.store._write
+
+        def write(apply, *a, **kw):
+            writes.append(kw)
+            return real(apply, *a, **kw)
+
+        self.patch(self.store, "_write", write)
+        changes, failed = yield self.store.storeFlags(self.user, "INBOX", [1, 7], "add", ["\\Flagged"])
+        self.assertEqual([(c.uid, c.flags) for c in changes], [(1, frozenset({"\\Flagged"}))])
+        self.assertEqual((failed, writes), ([], []))
+        modseq = changes[0].modseq
+        changes, failed = yield self.store.storeFlags(self.user, "INBOX", [1], "add", ["\\Seen"], unchangedSince=0)
+        self.assertEqual((changes, failed, writes), ([], [1], []))
+        changes, _ = yield self.store.storeFlags(self.user, "INBOX", [1], "remove", ["\\Flagged"])
+        self.assertEqual(len(writes), 1)
+        self.assertEqual((changes[0].flags, changes[0].modseq > modseq), (frozenset(), True))
+
+    @defer.inlineCallbacks
     def test_anAppendDoesNotOvertakeOneUnderWay(self):
         """
         Content kept in the index is committed in the calling thread only

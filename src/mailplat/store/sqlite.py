@@ -1231,7 +1231,32 @@ class SQLiteStore:
         # the next durable commit (any delivery, APPEND, EXPUNGE, COPY) or
         # checkpoint.  A crash can only forget the latest flag changes; no
         # message is lost and the index stays consistent.
-        return self._write(apply, events=events, durable=False, small=len(wanted) <= self._inlineRows)
+        small = len(wanted) <= self._inlineRows
+        if not small:
+            return self._write(apply, events=events, durable=False)
+
+        def unchanged(db):
+            # A change of a few messages is looked at first: one that
+            # changes nothing (a flag added that is there already) answers
+            # from this read without taking the write lock.
+            mid = self._mailboxRow(db, user, mailbox)[0]
+            changes, failed = [], []
+            for uid, text, modseq in self._rowsFor(db, mid, wanted, "uid, flags, modseq"):
+                if unchangedSince is not None and modseq > unchangedSince:
+                    failed.append(uid)
+                    continue
+                current = _flagsSet(text)
+                if applyFlags(current, mode, flags) != current:
+                    return None
+                changes.append(FlagChange(uid, current, modseq))
+            return changes, failed
+
+        def write(outcome):
+            if outcome is not None:
+                return outcome
+            return self._write(apply, events=events, durable=False, small=True)
+
+        return self._read(unchanged, inline=True, transaction=False).addCallback(write)
 
     @staticmethod
     def _rowsFor(db, mid, wanted, cols):
