@@ -840,7 +840,10 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         d = self.store.claimRecent(self.user, "INBOX")
         self.assertNoResult(d)
         self.assertEqual((yield d), list(range(4, 4 + n)))
+        writes = []
+        self.patch(self.store, "_write", lambda *a, **kw: writes.append(kw))
         self.assertEqual(self.successResultOf(self.store.claimRecent(self.user, "INBOX")), [])
+        self.assertEqual(writes, [], "nothing to claim: no write")
 
     @defer.inlineCallbacks
     def test_expungeOfManyMessagesLeavesTheReactorThread(self):
