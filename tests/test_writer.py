@@ -436,6 +436,26 @@ class SyncStageTests(unittest.TestCase):
         self.assertEqual(order, ["first", "second", "third"])
 
     @defer.inlineCallbacks
+    def test_aDurableChangeCommittedInlineFiresAfterEarlierBatches(self):
+        self.gate = threading.Event()
+        order = []
+        first = self.insert("thread")
+        self.assertTrue(self.entered.wait(10))  # committed, waiting for its fsync
+        for _ in range(100):
+            if not self.db.writer._txLock.locked():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        second = self.db.submit(
+            WriteOp(lambda db: db.execute("INSERT INTO log (what) VALUES ('inline')").lastrowid, small=True)
+        )
+        first.addCallback(lambda r: order.append(("thread", r)))
+        second.addCallback(lambda r: order.append(("inline", r)))
+        self.assertEqual(order, [])
+        self.gate.set()
+        yield defer.gatherResults([first, second])
+        self.assertEqual(order, [("thread", 1), ("inline", 2)])
+
+    @defer.inlineCallbacks
     def test_failedSyncIsATemporaryFailureAndKeepsFiles(self):
         """
         A commit whose fsync failed is not reported done; neither its

@@ -628,8 +628,13 @@ class Writer:
     def _commit(self, db, live):
         with self._txLock:
             results = self._commitLocked(db, live)
-        if results is not None:
-            self._committed(live, results)
+            # Queued for the sync stage before the lock is released: a change
+            # committed inline after this batch is queued after it, and the
+            # Deferreds fire in commit order.
+            direct = results is not None and not self._toSync(live, results)
+        if direct:
+            # (After the lock: the callers' next changes may commit inline.)
+            self._passOn(live, results)
 
     def _commitLocked(self, db, live):
         """Apply and commit C{live}: the results, or None when the batch failed as a whole."""
@@ -670,22 +675,16 @@ class Writer:
 
     # --- stage 3: sync ----------------------------------------------------------
 
-    def _committed(self, live, results):
-        """(Commit thread.)  Pass a committed batch on: to the sync stage if it must be made durable or others wait there."""
+    def _toSync(self, live, results) -> bool:
+        """(Commit thread, holding the commit lock.)  Queue a committed batch for the sync stage if it must be made durable or others wait there."""
         durable = any(ok and op.durable for op, (ok, _) in zip(live, results))
         with self._syncLock:
-            through = self._syncBacklog > 0 or durable and not self._queue.empty()
+            through = durable or self._syncBacklog > 0
             if through:
                 self._syncBacklog += 1
         if through:
             self._syncQueue.put((durable, live, results))
-            return
-        if durable:
-            # Nothing else to commit yet: sync here, one thread switch fewer.
-            failure = self._sync()
-            if failure is not None:
-                results = self._notDurable(results, failure)
-        self._passOn(live, results)
+        return through
 
     def _sync(self):
         """Sync the WAL: None, or the failure to give the operations it was to make durable."""
