@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from mailplat.interfaces.queue import Envelope, IQueue, IQueueFactory, IQueueTransaction, QueueEntry
 from mailplat.interfaces.routing import LocalDestination, RemoteDestination, Route
-from mailplat.store.writer import Database, WriteOp, connect, writeFile
+from mailplat.store.writer import Database, WriteOp, connect, tableColumns, writeFile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -225,10 +225,10 @@ class SQLiteQueue:
         self._db.start()
         db = connect(self._dbPath)
         try:
-            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            columns = tableColumns(db, "entries")
             if "content" not in columns:
                 db.execute("ALTER TABLE entries ADD COLUMN content BLOB")
-            if "warned" not in {row[1] for row in db.execute("PRAGMA table_info(recipients)")}:
+            if "warned" not in tableColumns(db, "recipients"):
                 db.execute("ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0")
         finally:
             db.close()

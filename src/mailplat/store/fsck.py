@@ -45,6 +45,8 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+from mailplat.store.writer import tableColumns
+
 LOST_AND_FOUND = "lost+found"
 
 
@@ -245,7 +247,7 @@ def checkStore(directory: str, repair: bool = True, grace: float = 0.0, now: flo
 
 def _checkCounts(db, report, repair):
     """The counts each mailbox row keeps for STATUS and LIST, against its messages (one snapshot)."""
-    if "nmessages" not in {r[1] for r in db.execute("PRAGMA table_info(mailboxes)")}:
+    if "nmessages" not in tableColumns(db, "mailboxes"):
         return  # an index from before the counts: the store counts when it opens it
     db.execute("BEGIN IMMEDIATE" if repair else "BEGIN")
     try:

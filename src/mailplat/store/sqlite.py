@@ -59,7 +59,7 @@ from mailplat.interfaces.storage import (
 )
 from mailplat.log import Logger
 from mailplat.store.events import Listeners
-from mailplat.store.writer import Database, NotSmall, WriteOp, connect, linkOrCopy, writeFile
+from mailplat.store.writer import Database, NotSmall, WriteOp, connect, linkOrCopy, tableColumns, writeFile
 from mailplat.plugins import dataPathArgument
 from mailplat.testing import applyFlags, normaliseFlags
 
@@ -413,7 +413,7 @@ def _migrate(db) -> None:
     """Bring an index made by an older version up to date (in place, at open)."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+        columns = tableColumns(db, "messages")
         if "envelope" not in columns:
             # Rows from before have none: fetchMeta formats theirs from the
             # structure when asked.
@@ -422,7 +422,7 @@ def _migrate(db) -> None:
             # Made before it covered its queries.
             db.execute("DROP INDEX messages_recent")
             db.execute("CREATE INDEX messages_recent ON messages (mailbox, uid, recent) WHERE recent=1")
-        columns = {row[1] for row in db.execute("PRAGMA table_info(mailboxes)")}
+        columns = tableColumns(db, "mailboxes")
         if "nmessages" not in columns:
             for name in ("nmessages", "nunseen", "nsize"):
                 db.execute(f"ALTER TABLE mailboxes ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")

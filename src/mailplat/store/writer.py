@@ -187,6 +187,11 @@ def connect(path: str) -> sqlite3.Connection:
     return db
 
 
+def tableColumns(db, table: str) -> set:
+    """The names of C{table}'s columns (a migration's test for what an older version lacks)."""
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
 #: Waits between tries for a write lock another process holds, in seconds:
 #: short ones first (a commit holds it for about an fsync), growing to
 #: 5 ms (SQLite's own busy handler sleeps at least 1 ms, then 2, 5, 10...).
@@ -686,23 +691,6 @@ class Writer:
             self._syncQueue.put((durable, live, results))
         return through
 
-    def _sync(self):
-        """Sync the WAL: None, or the failure to give the operations it was to make durable."""
-        try:
-            _syncWal(self._path)
-        except Exception:
-            _log.failure("fsync of the WAL failed", Failure())
-            return Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
-        return None
-
-    @staticmethod
-    def _notDurable(results, failure):
-        # Committed, but not known to be on disk: the caller must not take
-        # it as done (a retry may duplicate it, which loses nothing), and
-        # neither its post-commit step (unlinking what it removed) nor its
-        # failure step (unlinking what it added) may run: None marks that.
-        return [(None, failure) if ok else (ok, v) for ok, v in results]
-
     def _runSync(self):
         while True:
             item = self._syncQueue.get()
@@ -712,11 +700,21 @@ class Writer:
             batches, sentinel = self._drain(self._syncQueue, item, self._maxBatch)
             failure = None
             if any(durable for durable, _, _ in batches):
-                failure = self._sync()
+                try:
+                    _syncWal(self._path)
+                except Exception:
+                    _log.failure("fsync of the WAL failed", Failure())
+                    failure = Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
             for durable, live, results in batches:
                 try:
                     if durable and failure is not None:
-                        results = self._notDurable(results, failure)
+                        # Committed, but not known to be on disk: the caller
+                        # must not take it as done (a retry may duplicate
+                        # it, which loses nothing), and neither its
+                        # post-commit step (unlinking what it removed) nor
+                        # its failure step (unlinking what it added) may
+                        # run: None marks that.
+                        results = [(None, failure) if ok else (ok, v) for ok, v in results]
                     self._passOn(live, results)
                 finally:
                     with self._syncLock:
