@@ -1,6 +1,8 @@
 """mailplat.log: the level filter, applied before an event is built, and the namespace of each logger."""
 
-from twisted.logger import LogLevel, globalLogPublisher
+from string import Formatter
+
+from twisted.logger import LogLevel, eventAsJSON, eventAsText, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailplat import log
@@ -15,7 +17,8 @@ class LoggerTests(unittest.TestCase):
         self.log = log.Logger()
 
     def mine(self):
-        return [(e["log_level"], e["log_format"]) for e in self.events if e.get("log_namespace") == __name__]
+        return [(e["log_level"], e.get("mailplat_format", e["log_format"]))
+                for e in self.events if e.get("log_namespace") == __name__]
 
     def test_levels(self):
         log.setLevel("info")
@@ -29,6 +32,45 @@ class LoggerTests(unittest.TestCase):
         log.setLevel("error")
         self.log.warn("dropped")
         self.assertNotIn((LogLevel.warn, "dropped"), self.mine())
+
+    def test_renderedWhenEmitted(self):
+        """
+        An event is rendered as it is emitted: its text needs no field
+        looked up again, and its fields and format are kept.
+        """
+        self.log.info("{who} sent {n:,} bytes {{in braces}} {v!r}", who="alice", n=12345, v="x")
+        event = self.events[-1]
+        self.assertEqual(formatEvent(event), "alice sent 12,345 bytes {in braces} 'x'")
+        self.assertEqual(event["mailplat_format"], "{who} sent {n:,} bytes {{in braces}} {v!r}")
+        self.assertEqual((event["who"], event["n"], event["v"]), ("alice", 12345, "x"))
+        self.assertEqual(list(Formatter().parse(event["log_format"]))[0][1], None)
+        # Through a worker's JSON relay, the same text.
+        self.assertEqual(formatEvent(eventFromJSON(eventAsJSON(event))), "alice sent 12,345 bytes {in braces} 'x'")
+
+    def test_leftToTwisted(self):
+        """A format that calls a field, or names one the event lacks, reaches Twisted's formatter unchanged."""
+
+        class Source:
+            def name(self):
+                return "called"
+
+        self.log.info("{s.name()} {missing}", s=Source(), missing="here")
+        self.assertEqual(self.events[-1]["log_format"], "{s.name()} {missing}")
+        self.log.info("{log_namespace} said so")
+        event = self.events[-1]
+        self.assertEqual(event["log_format"], "{log_namespace} said so")
+        self.assertNotIn("mailplat_format", event)
+        self.assertEqual(formatEvent(event), f"{__name__} said so")
+
+    def test_failureKeepsItsTraceback(self):
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            self.log.failure("dividing {what}", what="one")
+        event = self.events[-1]
+        self.assertEqual(formatEvent(event), "dividing one")
+        self.assertIn("ZeroDivisionError", eventAsText(event))
+        self.flushLoggedErrors(ZeroDivisionError)
 
     def test_namespaceAndObserver(self):
         """A module's logger is named after the module and publishes through the level filter."""

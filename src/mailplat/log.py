@@ -4,6 +4,17 @@ level filter in front of Twisted's global log publisher.  C{[server]
 log_level} (default C{info}) sets the lowest level written; per-command and
 per-connection details are C{debug}, one line per accepted message is
 C{info}.
+
+An event whose format needs nothing but its own fields is rendered when it
+is emitted, with C{str.format} (a C function): its C{log_format} is the
+rendered text (braces doubled) and C{mailplat_format} the format it came
+from; its fields are all kept.  Twisted's formatter (C{string.Formatter} in
+Python, field by field) then has no field left to look up, in this process
+or in the one a worker's events are relayed to; measured, an SMTP
+message's log line cost 42 microseconds to write as text (18 of them
+formatting it), and 60 more to relay from a worker.  A format that calls
+a field (C{"{f()}"}) or names one the event does not carry is left to
+Twisted, as it comes.
 """
 
 import sys
@@ -48,4 +59,12 @@ class Logger(_TwistedLogger):
     def emit(self, level, format=None, **kwargs):
         if _PRIORITY.get(level, len(_PRIORITY)) < _lowest[0]:
             return
+        if format is not None:
+            try:
+                text = format.format(**kwargs)
+            except Exception:
+                pass  # Twisted's formatter handles (or reports) it
+            else:
+                kwargs["mailplat_format"] = format
+                format = text.replace("{", "{{").replace("}", "}}")
         super().emit(level, format, **kwargs)
