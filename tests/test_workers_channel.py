@@ -35,3 +35,80 @@ def test_socketAddress():
     assert socketAddress(r"tcp6:port=993:interface=\:\:1") == (socket.AF_INET6, "::1", 993, 50)
     with pytest.raises(ValueError, match="only tcp: and tcp6:"):
         socketAddress("unix:/tmp/imap.sock")
+
+
+class _Out:
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+class _Reactor:
+    running = True
+
+    def __init__(self):
+        self.calls = []
+
+    def callLater(self, delay, f, *args):
+        self.calls.append((delay, f, args))
+
+    def turn(self):
+        calls, self.calls = self.calls, []
+        for _, f, args in calls:
+            f(*args)
+
+
+def _records(out):
+    from twisted.logger import eventFromJSON
+
+    return [eventFromJSON(r) for w in out.writes for r in w.split("\x1e") if r.strip()]
+
+
+def test_logRelayWritesAnIterationsRecordsTogether():
+    """What the reactor's thread logs in one iteration goes to the pool in one write when the iteration ends."""
+    from twisted.logger import LogLevel, formatEvent
+
+    from mailplat.workers import _LogRelay
+
+    out, reactor = _Out(), _Reactor()
+    relay = _LogRelay(out, reactor)
+    for n in range(3):
+        relay({"log_level": LogLevel.info, "log_format": "line {n}", "n": n, "log_time": 0.0})
+    assert out.writes == [] and len(reactor.calls) == 1  # one flush scheduled, not three
+    reactor.turn()
+    assert len(out.writes) == 1
+    events = _records(out)
+    assert [formatEvent(e) for e in events] == ["line 0", "line 1", "line 2"]
+    assert [e["log_level"] for e in events] == [LogLevel.info] * 3
+    assert out.writes[0].endswith("\n") and out.writes[0].count("\x1e") == 3
+
+
+def test_logRelayWritesWarningsAndOtherThreadsAtOnce():
+    import threading
+
+    from twisted.logger import LogLevel, formatEvent
+
+    from mailplat.workers import _LogRelay
+
+    out, reactor = _Out(), _Reactor()
+    relay = _LogRelay(out, reactor)
+    relay({"log_level": LogLevel.info, "log_format": "before", "log_time": 0.0})
+    relay({"log_level": LogLevel.warn, "log_format": "warned", "log_time": 0.0})
+    # The warning took what was waiting with it, in order.
+    assert [formatEvent(e) for e in _records(out)] == ["before", "warned"]
+    reactor.turn()  # the scheduled flush finds nothing left
+    assert len(out.writes) == 1
+
+    t = threading.Thread(target=relay, args=({"log_level": LogLevel.debug, "log_format": "thread", "log_time": 0.0},))
+    t.start()
+    t.join()
+    assert formatEvent(_records(out)[-1]) == "thread" and reactor.calls == []
+
+    reactor.running = False  # shutting down: nothing would run a scheduled flush
+    relay({"log_level": LogLevel.info, "log_format": "last", "log_time": 0.0})
+    assert formatEvent(_records(out)[-1]) == "last" and reactor.calls == []

@@ -30,7 +30,10 @@ The channel, one datagram per message::
                      b"M <json>"             the worker's metrics, whole
 
 A worker's log events come to the pool as JSON on its standard output and
-are published here, their system set to C{<role>-worker-<pid>}.  A worker
+are published here, their system set to C{<role>-worker-<pid>}; the
+records of one reactor iteration are written together at its end (a
+warning or worse, and an event of another thread or while the reactor is
+not running, at once).  A worker
 that exits while the pool runs is started again (after 1 s, doubling up to
 30 s while it keeps failing at once); its connections are gone with it.  A
 worker stops when the pool closes the channel or sends SIGTERM; SIGHUP to
@@ -47,15 +50,16 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import LogLevel, eventFromJSON, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
-from mailplat.log import Logger
+from mailplat.log import _PRIORITY, Logger
 
 _log = Logger()
 
@@ -632,6 +636,54 @@ class _Announced(WrappingFactory):
         return p
 
 
+@implementer(ILogObserver)
+class _LogRelay:
+    """
+    A worker's log observer: each event as an RFC 7464 record (RS, JSON, LF)
+    on C{out}, for the pool to publish.  What the reactor's thread logs in
+    one iteration is written in one write when the iteration ends (an SMTP
+    worker logs a line per message: one write and one wake-up of the pool
+    per line otherwise); a warning or worse, an event of another thread and
+    one while the reactor is not running are written at once, after what
+    was waiting.
+    """
+
+    URGENT = _PRIORITY[LogLevel.warn]
+
+    def __init__(self, out, reactor):
+        """(In the thread that runs C{reactor}.)"""
+        self._out = out
+        self._reactor = reactor
+        self._thread = threading.get_ident()
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event):
+        record = "\x1e" + eventAsJSON(event) + "\n"
+        urgent = (
+            _PRIORITY.get(event.get("log_level"), self.URGENT) >= self.URGENT
+            or not self._reactor.running
+            or threading.get_ident() != self._thread
+        )
+        with self._lock:
+            self._pending.append(record)
+            first = len(self._pending) == 1
+        if urgent:
+            self.flush()
+        elif first:
+            self._reactor.callLater(0, self.flush)
+
+    def flush(self):
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if pending:
+                try:
+                    self._out.write("".join(pending))
+                    self._out.flush()
+                except (OSError, ValueError):
+                    pass  # the pool is gone: nobody is left to read it
+
+
 def main():
     """The worker process: C{python -m mailplat.workers}, started by a L{WorkerPool}."""
     spec = pickle.loads(sys.stdin.buffer.read())
@@ -643,9 +695,10 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    relay = _LogRelay(sys.stdout, reactor)
+    globalLogBeginner.beginLoggingTo([relay], redirectStandardIO=False)
 
     from mailplat.platform import Platform, _ReloadOnHangup
 
@@ -660,6 +713,7 @@ def main():
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.maybeDeferred(root.stopService).addBoth(lambda _: platform.close()))
     reactor.run()
+    relay.flush()
 
 
 if __name__ == "__main__":
