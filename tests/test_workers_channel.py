@@ -48,19 +48,13 @@ class _Out:
         pass
 
 
-class _Reactor:
-    running = True
+def _clock():
+    """A reactor for the relay: Twisted's Clock (calls run on advance), running."""
+    from twisted.internet import task
 
-    def __init__(self):
-        self.calls = []
-
-    def callLater(self, delay, f, *args):
-        self.calls.append((delay, f, args))
-
-    def turn(self):
-        calls, self.calls = self.calls, []
-        for _, f, args in calls:
-            f(*args)
+    clock = task.Clock()
+    clock.running = True
+    return clock
 
 
 def _records(out):
@@ -75,12 +69,12 @@ def test_logRelayWritesAnIterationsRecordsTogether():
 
     from mailplat.workers import _LogRelay
 
-    out, reactor = _Out(), _Reactor()
+    out, reactor = _Out(), _clock()
     relay = _LogRelay(out, reactor)
     for n in range(3):
         relay({"log_level": LogLevel.info, "log_format": "line {n}", "n": n, "log_time": 0.0})
-    assert out.writes == [] and len(reactor.calls) == 1  # one flush scheduled, not three
-    reactor.turn()
+    assert out.writes == [] and len(reactor.getDelayedCalls()) == 1  # one flush scheduled, not three
+    reactor.advance(0)
     assert len(out.writes) == 1
     events = _records(out)
     assert [formatEvent(e) for e in events] == ["line 0", "line 1", "line 2"]
@@ -95,20 +89,20 @@ def test_logRelayWritesWarningsAndOtherThreadsAtOnce():
 
     from mailplat.workers import _LogRelay
 
-    out, reactor = _Out(), _Reactor()
+    out, reactor = _Out(), _clock()
     relay = _LogRelay(out, reactor)
     relay({"log_level": LogLevel.info, "log_format": "before", "log_time": 0.0})
     relay({"log_level": LogLevel.warn, "log_format": "warned", "log_time": 0.0})
     # The warning took what was waiting with it, in order.
     assert [formatEvent(e) for e in _records(out)] == ["before", "warned"]
-    reactor.turn()  # the scheduled flush finds nothing left
+    reactor.advance(0)  # the scheduled flush finds nothing left
     assert len(out.writes) == 1
 
     t = threading.Thread(target=relay, args=({"log_level": LogLevel.debug, "log_format": "thread", "log_time": 0.0},))
     t.start()
     t.join()
-    assert formatEvent(_records(out)[-1]) == "thread" and reactor.calls == []
+    assert formatEvent(_records(out)[-1]) == "thread" and reactor.getDelayedCalls() == []
 
     reactor.running = False  # shutting down: nothing would run a scheduled flush
     relay({"log_level": LogLevel.info, "log_format": "last", "log_time": 0.0})
-    assert formatEvent(_records(out)[-1]) == "last" and reactor.calls == []
+    assert formatEvent(_records(out)[-1]) == "last" and reactor.getDelayedCalls() == []
