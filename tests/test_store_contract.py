@@ -9,6 +9,7 @@ import os
 import sqlite3
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -808,9 +809,10 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
     @defer.inlineCallbacks
     def test_anAppendDoesNotOvertakeOneUnderWay(self):
         """
-        Content kept in the index is committed in the calling thread only
-        while no other append is under way (one sent to the commit thread
-        must not be overtaken: MULTIAPPEND keeps its order).
+        Content kept in the index is committed in the calling thread unless
+        an append submitted earlier in the same turn of the reactor went to
+        the commit thread: that one must not be overtaken (MULTIAPPEND keeps
+        its order).  In a later turn the calling thread commits again.
         """
         smalls = []
         real = self.store._write
@@ -820,13 +822,36 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
             return real(apply, *a, **kw)
 
         self.patch(self.store, "_write", write)
-        first = self.store.append(self.user, "INBOX", MSG)
+        writer = self.store._db.writer
+        # The commit thread holds the transaction lock: the first append
+        # cannot be committed here and is queued.
+        writer._txLock.acquire()
+        try:
+            first = self.store.append(self.user, "INBOX", MSG)
+            self.assertFalse(writer.lastInline)
+            second = self.store.append(self.user, "INBOX", MSG + b"2")
+        finally:
+            writer._txLock.release()
+        self.assertEqual([(yield first)[1], (yield second)[1]], [1, 2])
+        yield deferLater(reactor, 0, lambda: None)
+        yield self.store.append(self.user, "INBOX", MSG + b"3")
+        self.assertTrue(writer.lastInline)
+        fourth = self.store.append(self.user, "INBOX", MSG + b"4")
+        self.assertTrue(writer.lastInline, "the one before was committed already: nothing to overtake")
+        yield fourth
+        self.assertEqual(smalls, [True, False, True, True])
+        contents = yield self.store.getContents(self.user, "INBOX", [1, 2, 3, 4])
+        self.assertEqual([contents[u] for u in (1, 2, 3, 4)], [MSG, MSG + b"2", MSG + b"3", MSG + b"4"])
+
+    @defer.inlineCallbacks
+    def test_aSmallAppendDoesNotOvertakeABigOne(self):
+        """A message kept in a file goes through the files thread; one kept in the index submitted after it waits its turn."""
+        big = MSG + b"x" * (self.store.inlineMax + 1)
+        first = self.store.append(self.user, "INBOX", big)
         second = self.store.append(self.user, "INBOX", MSG + b"2")
         self.assertEqual([(yield first)[1], (yield second)[1]], [1, 2])
-        yield self.store.append(self.user, "INBOX", MSG + b"3")
-        self.assertEqual(smalls, [True, False, True])
-        contents = yield self.store.getContents(self.user, "INBOX", [1, 2, 3])
-        self.assertEqual([contents[u] for u in (1, 2, 3)], [MSG, MSG + b"2", MSG + b"3"])
+        contents = yield self.store.getContents(self.user, "INBOX", [1, 2])
+        self.assertEqual([contents[1], contents[2]], [big, MSG + b"2"])
 
     @defer.inlineCallbacks
     def test_recentClaimOfAFewIsCommittedAtOnce(self):

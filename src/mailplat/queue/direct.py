@@ -28,6 +28,7 @@ from mailplat.interfaces.queue import IQueueTransaction
 from mailplat.interfaces.routing import LocalDestination
 from mailplat.outbound import dsn
 from mailplat.queue.runner import hops
+from mailplat.queue.sqlite import newQueueId
 
 
 @implementer(IQueueTransaction)
@@ -60,8 +61,6 @@ class _Transaction:
         self._chunks = None
         if hops(content) > self._front.maxHops:
             return defer.maybeDeferred(self._txn.commit)
-        from mailplat.queue.sqlite import newQueueId
-
         queueId = newQueueId()
         d = defer.maybeDeferred(self._front.store.append, destination.user, destination.mailbox, content,
                                 deliveryId=f"{queueId}:{destination.user}:{destination.mailbox}")

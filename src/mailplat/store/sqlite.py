@@ -57,7 +57,9 @@ from mailplat.interfaces.storage import (
     NoSuchMailbox,
     validateMailboxName,
 )
+from mailplat.imap.fetch import formatEnvelope
 from mailplat.log import Logger
+from mailplat.mime.structure import STRUCTURE_VERSION, analyze, bodyText, headerText, indexFields
 from mailplat.store.events import Listeners
 from mailplat.store.writer import Database, NotSmall, WriteOp, connect, linkOrCopy, tableColumns, writeFile
 from mailplat.plugins import dataPathArgument
@@ -194,8 +196,6 @@ _HEADER_COLUMNS = {"subject": "subject", "from": "fromaddr", "to": "toaddr", "cc
 
 def _indexRow(content: bytes, structure: dict):
     """(index column values, body text) of one message, for msgindex and msgtext."""
-    from mailplat.mime.structure import bodyText, headerText, indexFields
-
     fields = indexFields(structure)
     fields["_headers"] = headerText(structure)
     fields["references"] = " ".join(fields["references"])
@@ -438,17 +438,12 @@ def _migrate(db) -> None:
 
 def _envelopeOf(structure) -> Optional[bytes]:
     """The formatted IMAP ENVELOPE of an analysis, or None if it is not a current one."""
-    from mailplat.imap.fetch import formatEnvelope
-    from mailplat.mime.structure import STRUCTURE_VERSION
-
     if not isinstance(structure, dict) or structure.get("version") != STRUCTURE_VERSION:
         return None
     return formatEnvelope(structure["envelope"])
 
 
 def _analyze(content: bytes):
-    from mailplat.mime.structure import analyze
-
     return analyze(content)
 
 
@@ -539,7 +534,9 @@ class SQLiteStore:
         self._mailboxStates: dict = {}  # (user, mailbox) -> (uidnext, highestmodseq) last reported
         self._selectCache: dict = {}  # mailbox id -> ((uidvalidity, uidnext, highestmodseq), data)
         self._uidvalidityLock = threading.Lock()
-        self._appending = 0  # appends of content kept in the index under way
+        #: The writer's stage the last append of this turn of the reactor was
+        #: queued for, if any ("commit" or "files"); see append().
+        self._appendBarrier = None
         self._lastUidvalidity = 0
 
     # --- plumbing ---------------------------------------------------------
@@ -580,8 +577,6 @@ class SQLiteStore:
                     st = json.loads(structure) if structure else None
                 except ValueError:
                     st = None
-                from mailplat.mime.structure import STRUCTURE_VERSION
-
                 if not isinstance(st, dict) or st.get("version") != STRUCTURE_VERSION:
                     st = _analyze(content)
                 row, body = _indexRow(content, st)
@@ -663,10 +658,6 @@ class SQLiteStore:
             if before.get((user, name)) != (uidnext, highest):
                 self._listeners.emit(MailboxEvent(user, name, "changed", modseq=highest))
         self._mailboxStates = now
-
-    def _appended(self, result):
-        self._appending -= 1
-        return result
 
     def _readDb(self) -> sqlite3.Connection:
         return self._db.connection()
@@ -1027,17 +1018,33 @@ class SQLiteStore:
             # (measured under the IMAP mixed load: 3.5-3.9 ms from submission
             # to result at the median through the commit thread, 2.2-2.5
             # committed here, for 0.25 ms more of this thread's time).
-            # Only while no other append is under way: one that went to the
-            # commit thread must not be overtaken (MULTIAPPEND's order).
+            # An append that went to the writer's threads must not be
+            # overtaken by one submitted after it in the same turn of the
+            # reactor (the next messages of a MULTIAPPEND): those follow it
+            # through the same stages.
             try:
                 prepare()
             except Exception:
                 return defer.fail()
-            small = self._appending == 0
-            self._appending += 1
-            d = self._write(apply, events=events, small=small)
-            return d.addBoth(self._appended)
+            barrier = self._appendBarrier
+            if barrier == "files":
+                # Behind a message being written to its file: through the files stage too.
+                return self._write(apply, lambda: ([], []), events=events)
+            d = self._write(apply, events=events, small=barrier is None)
+            if not self._db.writer.lastInline:
+                self._raiseAppendBarrier("commit")
+            return d
+        self._raiseAppendBarrier("files")
         return self._write(apply, prepare, after, onFailure, events)
+
+    def _raiseAppendBarrier(self, stage):
+        if self._appendBarrier is None:
+            self._reactor.callLater(0, self._lowerAppendBarrier)
+        if self._appendBarrier != "files":
+            self._appendBarrier = stage
+
+    def _lowerAppendBarrier(self):
+        self._appendBarrier = None
 
     def fetchMeta(self, user, mailbox, uids=None, withStructure=False, changedSince=None, withEnvelope=False):
         wanted = None if uids is None else sorted(set(uids))

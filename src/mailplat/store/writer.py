@@ -410,6 +410,9 @@ class Writer:
         self._inlineCommits = 0
         self._checkpointing = False
         self._checkpointDone = None  # the Deferred of the checkpoint under way
+        #: Whether the last operation submitted was committed at once in the
+        #: calling thread (not queued for the commit stage).
+        self.lastInline = False
 
     #: After this many commits made in the reactor's thread, a passive WAL
     #: checkpoint runs in a thread (their connection never checkpoints: that
@@ -446,6 +449,7 @@ class Writer:
         return d
 
     def submit(self, op: WriteOp):
+        self.lastInline = False
         if self._stopped:
             # Nothing would ever commit it: a session still open while the
             # server shuts down gets its temporary failure at once.
@@ -453,6 +457,7 @@ class Writer:
                 op.onFailure()
             return defer.fail(TemporaryStoreFailure("the store is closed"))
         if op.small and self._started and self._commitInline(op):
+            self.lastInline = True
             return op.deferred
         (self._fileQueue if op.prepare is not None else self._queue).put(op)
         return op.deferred
