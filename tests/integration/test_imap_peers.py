@@ -233,6 +233,43 @@ folderfilter = lambda f: f in ("INBOX", "Lists/Python", "Work")
         assert imap.search(None, "SUBJECT", '"from offlineimap"')[1][0] != b""
 
 
+def test_multiappend_keeps_its_order_across_message_sizes(server):
+    """MULTIAPPEND of a message kept in a file (over 128 KB) and then small ones: UIDs in the command's order."""
+    import re
+    import socket
+
+    big = message(1, "Order", " big") + b"x" * 200_000 + b"\r\n"
+    small = [message(i, "Order", f" small {i}") for i in (2, 3)]
+    with socket.create_connection((HOST, PORTS["imap"]), timeout=30) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(f'a LOGIN "{USER}" "{PASSWORD}"\r\nb CREATE Order\r\n'.encode())
+        tagged = {}
+        while len(tagged) < 2:
+            line = f.readline()
+            if line[:1] in (b"a", b"b"):
+                tagged[line[:1]] = line
+        assert tagged[b"a"].startswith(b"a OK"), tagged
+        command = b"c APPEND Order"
+        for one in [big] + small:
+            command += b" {%d+}\r\n" % len(one) + one
+        s.sendall(command + b"\r\n")
+        line = f.readline()
+        while not line.startswith(b"c "):
+            line = f.readline()
+    assert line.startswith(b"c OK [APPENDUID "), line
+    uids = re.match(rb"c OK \[APPENDUID \d+ (\d+):(\d+)\]", line)
+    assert uids, line
+    first, last = int(uids.group(1)), int(uids.group(2))
+    assert last == first + 2
+    with imaplib.IMAP4(HOST, PORTS["imap"]) as imap:
+        imap.login(USER, PASSWORD)
+        imap.select("Order", readonly=True)
+        typ, data = imap.uid("FETCH", f"{first}:{last}", "(RFC822.SIZE)")
+        sizes = [int(m) for m in re.findall(rb"RFC822.SIZE (\d+)", b" ".join(d if isinstance(d, bytes) else d[0] for d in data))]
+        assert sizes == [len(big)] + [len(m) for m in small]
+
+
 def test_curl_imap(server):
     curl = requirePeer("curl")
     url = f"imap://{HOST}:{PORTS['imap']}/Work"
