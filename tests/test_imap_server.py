@@ -173,6 +173,12 @@ class GreetingAndAuthTests(Base):
         out = c.send(base64.b64encode(b"\0alice\0secret") + b"\r\n")
         assert out.startswith(b"a OK [CAPABILITY")
 
+    def test_authenticate_empty_initial_response(self):
+        """SASL-IR (RFC 4959): "=" is an empty initial response, not a request for a challenge."""
+        c = Client(self.factory)
+        assert c.send(b"a AUTHENTICATE PLAIN =\r\n").startswith(b"a NO [AUTHENTICATIONFAILED]")
+        assert c.send(b"b AUTHENTICATE PLAIN\r\n") == b"+ \r\n"
+
     def test_authenticate_login_mechanism_pipelined_responses(self):
         c = Client(self.factory)
         out = c.send(

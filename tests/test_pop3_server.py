@@ -404,6 +404,14 @@ class SessionTests(SessionMixin, unittest.TestCase):
         self.assertEqual(self.send(proto, t, b"AUTH plain\r\n"), b"+ \r\n")
         self.assertEqual(self.send(proto, t, b"%s\r\n" % b64(b"\0bob\0hunter2")), b"+OK Logged in, 0 messages\r\n")
 
+    def test_auth_plain_with_empty_initial_response(self):
+        """RFC 5034: "=" is an empty initial response, which PLAIN cannot take: no challenge."""
+        proto, t = self.connect()
+        self.assertEqual(self.send(proto, t, b"AUTH PLAIN =\r\n"), b"", "no challenge")
+        self.clock.advance(1)
+        self.assertTrue(t.value().startswith(b"-ERR"), t.value())
+        self.assertEqual(self.send(proto, t, b"AUTH PLAIN\r\n"), b"+ \r\n")
+
     def test_auth_login(self):
         proto, t = self.connect()
         self.assertEqual(self.send(proto, t, b"AUTH LOGIN\r\n"), b"+ VXNlcm5hbWU6\r\n")

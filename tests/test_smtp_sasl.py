@@ -199,3 +199,15 @@ def test_plain_still_works_with_the_extended_registry():
     s = start(sasl=Registry().copy(), **LOOPBACK)
     s.ehlo()
     s.login()
+
+
+def test_empty_initial_response_differs_from_none():
+    """RFC 4422 §5: "=" (an empty initial response) is not the absence of one."""
+    s, _ = scramSession()
+    s.ehlo()
+    assert s.cmd("AUTH SCRAM-SHA-256 =") == (501, ["5.5.2 Malformed authentication response"])
+    assert s.cmd("AUTH SCRAM-SHA-256") == (334, [""])
+    s = cramSession()
+    s.ehlo()
+    assert s.cmd("AUTH CRAM-MD5 =") == (501, ["5.5.2 Malformed authentication response"])
+    assert s.cmd("AUTH CRAM-MD5")[0] == 334

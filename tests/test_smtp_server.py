@@ -927,3 +927,53 @@ class RealSocketTests(unittest.TestCase):
         # the injected MAIL never ran: EHLO is needed again, nothing was accepted before
         self.assertEqual(first, b"503 5.5.1 Send HELO/EHLO first\r\n")
         self.assertEqual(second, b"221 2.0.0 Bye\r\n")
+
+
+def test_received_names_a_client_whose_helo_is_not_a_domain_by_its_address():
+    """RFC 5321 §4.4 From-domain is a Domain or an address literal: another HELO name goes into a comment."""
+    s = start(now=1700000000)
+    s.ehlo("bad_name;(x)")
+    s.cmd("MAIL FROM:<a@example.net>")
+    s.cmd("RCPT TO:<alice@example.org>")
+    s.cmd("DATA")
+    s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert s.replies()[0][0] == 250
+    ((_, _, content),) = s.queue.committed
+    assert content.startswith(
+        b"Received: from [192.0.2.7] ([192.0.2.7])\r\n\t(HELO name not a domain: bad_name??x?)\r\n\tby mx.example.org "
+    )
+    s = start(now=1700000000)
+    s.ehlo("[192.0.2.7]")
+    s.cmd("MAIL FROM:<a@example.net>")
+    s.cmd("RCPT TO:<alice@example.org>")
+    s.cmd("DATA")
+    s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    ((_, _, content),) = s.queue.committed
+    assert content.startswith(b"Received: from [192.0.2.7] ([192.0.2.7])\r\n\tby mx.example.org ")
+
+
+def test_size_parameter_takes_ascii_digits_only():
+    s = start()
+    s.ehlo()
+    # "²" is a digit to str.isdigit() but not to int(), nor to RFC 1870's DIGIT.
+    assert s.cmd("MAIL FROM:<a@example.net> SIZE=\u00b2 SMTPUTF8") == (501, ["5.5.4 Syntax: SIZE=number"])
+    assert s.cmd("MAIL FROM:<a@example.net> SIZE=12") == (250, ["2.1.0 Ok"])
+
+
+def test_auth_empty_initial_response_is_a_response():
+    """RFC 4954 §4: "=" is an empty initial response, which PLAIN and LOGIN cannot take; no initial response gets a challenge."""
+    s = start(role="submission", allowInsecureAuth=True)
+    s.ehlo()
+    assert s.cmd("AUTH PLAIN =") == (501, ["5.5.2 Malformed authentication response"])
+    assert s.cmd("AUTH LOGIN =") == (501, ["5.5.2 Malformed authentication response"])
+    assert s.cmd("AUTH PLAIN") == (334, [""])
+    assert s.cmd(b64(b"\0alice@example.org\0secret"))[0] == 235
+
+
+def test_auth_plain_for_another_identity_is_an_authentication_failure():
+    """A well-formed PLAIN response whose authorization identity is another user: 535 5.7.8 (RFC 4954 §6)."""
+    s = start(role="submission", allowInsecureAuth=True)
+    s.ehlo()
+    s.send("AUTH PLAIN " + b64(b"bob@example.org\0alice@example.org\0secret") + "\r\n")
+    s.clock.advance(1)
+    assert s.replies() == [(535, ["5.7.8 Authentication credentials invalid"])]

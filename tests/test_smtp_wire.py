@@ -174,7 +174,8 @@ def test_parse_rcpt_postmaster_and_literals():
     assert parseRcpt("TO:<Postmaster>").address == "Postmaster"
     assert parseRcpt("TO:<u@[192.0.2.1]>").address == "u@[192.0.2.1]"
     assert parseRcpt("TO:<u@[IPv6:2001:db8::1]>").address == "u@[IPv6:2001:db8::1]"
-    for bad in ("TO:<u@[300.1.1.1]>", "TO:<u@[IPv6:zz::1]>"):
+    # a zone ID (fe80::1%eth0) is not in RFC 5321's IPv6-addr grammar
+    for bad in ("TO:<u@[300.1.1.1]>", "TO:<u@[IPv6:zz::1]>", "TO:<u@[IPv6:fe80::1%eth0]>"):
         with pytest.raises(SMTPError):
             parseRcpt(bad)
 

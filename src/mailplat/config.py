@@ -414,7 +414,7 @@ def _hostPort(value: str) -> bool:
     if not sep:
         host, port = value, "25"
     host = host.strip("[]")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+    return bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
 
 
 def _outbound(c: _Checker, raw) -> OutboundConfig:

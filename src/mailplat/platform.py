@@ -298,7 +298,7 @@ class Platform:
         c = self.config.smtp
         for desc in tuple(c.listen) + tuple(c.submission) + tuple(c.submissions):
             parts = desc.split(":")
-            if len(parts) < 2 or parts[0] not in ("tcp", "tcp6", "ssl") or not parts[1].isdigit():
+            if len(parts) < 2 or parts[0] not in ("tcp", "tcp6", "ssl") or not (parts[1].isascii() and parts[1].isdigit()):
                 continue
             port = int(parts[1])
             interface = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")), "")

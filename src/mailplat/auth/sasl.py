@@ -82,10 +82,10 @@ class Plain:
         self._started = False
 
     def step(self, response: bytes):
-        if not response and not self._started:
+        if response is None and not self._started:
             self._started = True
             return Challenge(b"")
-        parts = response.split(b"\x00")
+        parts = (response or b"").split(b"\x00")
         if len(parts) != 3:
             raise SASLError("malformed PLAIN response")
         try:
@@ -96,8 +96,9 @@ class Plain:
             raise SASLError("empty user name or password")
         if authzid and authzid != authcid:
             # Proxy authorization is not supported: acting as another user
-            # would need a policy to allow it.
-            raise SASLError("authorization identity differs from authentication identity")
+            # would need a policy to allow it.  Well-formed, so an
+            # authentication failure (RFC 4954 §6: 535 5.7.8), not a syntax error.
+            raise SASLAuthenticationFailed(authcid, "authorization identity differs from authentication identity")
         return Credentials(UsernamePassword(authcid.encode("utf-8"), passwd.encode("utf-8")), authzid)
 
 
@@ -115,7 +116,7 @@ class Login:
 
     def step(self, response: bytes):
         if self._user is None:
-            if not response and not self._asked:
+            if response is None and not self._asked:
                 self._asked = True
                 return Challenge(b"Username:")
             if not response:
@@ -187,7 +188,7 @@ class CramMD5:
 
     def step(self, response: bytes):
         if self._credentials is None:
-            if response:
+            if response is not None:
                 raise SASLError("CRAM-MD5 takes no initial response")
             self._credentials = CramMD5Credentials(self._hostname)
             return Challenge(self._credentials.getChallenge())
@@ -356,7 +357,7 @@ class ScramSHA256:
 
     def step(self, response: bytes):
         if self._state == "start":
-            if not response:
+            if response is None:
                 self._state = "first"
                 return Challenge(b"")
             return self._clientFirst(response)

@@ -640,7 +640,9 @@ class IMAPServerProtocol(Protocol):
         if getattr(mech, "plaintext", False) and not self._plaintextAllowed():
             return ("NO", "[PRIVACYREQUIRED] Plaintext authentication is disabled on unencrypted connections")
         initial = cmd.args["initial"]
-        if initial is None or initial == b"=":
+        if initial is None:
+            response = None
+        elif initial == b"=":
             response = b""
         else:
             try:

@@ -49,8 +49,10 @@ class ISASLMechanism(Interface):
 
     def step(response):
         """
-        Feed the client's next response (C{bytes}, already base64-decoded; the
-        initial response or C{b""} on the first call when the client sent none).
+        Feed the client's next response (C{bytes}, already base64-decoded).
+        The first call gets the initial response: C{None} when the client
+        sent none, C{b""} when it sent an empty one (C{"="}, RFC 4954 §4,
+        RFC 4959, RFC 5034); the two differ (RFC 4422 §5).
         Returns a L{mailplat.auth.sasl.Challenge} to send to the client, or a
         L{mailplat.auth.sasl.Credentials} holding C{twisted.cred} credentials to
         check.  Raises L{mailplat.auth.sasl.SASLError} for a malformed response.

@@ -69,7 +69,7 @@ class Reply:
     def enhanced(self) -> str:
         first = self.lines[0].split(" ", 1)[0] if self.lines else ""
         parts = first.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == str(self.code)[0]:
+        if len(parts) == 3 and all(p.isascii() and p.isdigit() for p in parts) and first[0] == str(self.code)[0]:
             return first
         return ""
 
@@ -172,7 +172,7 @@ class SMTPClient(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes):
         text = line.decode("utf-8", "replace")
-        if len(text) < 3 or not text[:3].isdigit():
+        if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()):
             self._fail(SMTPProtocolError(f"malformed reply line {text[:80]!r}"))
             return
         self._lines.append(text[4:] if len(text) > 3 else "")
@@ -310,7 +310,7 @@ class SMTPClient(LineOnlyReceiver):
             content = downgrade(content)
             eightBit = has8bit(content)
         limit = self.extensions.get("SIZE", "")
-        if limit.isdigit() and int(limit) and len(content) > int(limit):
+        if limit.isascii() and limit.isdigit() and int(limit) and len(content) > int(limit):
             return [Result(r.address, "failed", "5.3.4",
                            f"message size {len(content)} exceeds the destination's limit of {limit}", remote)
                     for r in txn.recipients]

@@ -723,7 +723,7 @@ class POP3Server(protocol.Protocol):
             self._refusePlaintext()
             raise _ClientError("Mechanism not available")
         mech = sasl.create(name)
-        response = wire.decodeBase64(initial) if initial is not None else b""
+        response = wire.decodeBase64(initial) if initial is not None else None
         self._sasl = mech
         return self._saslStep(response)
 

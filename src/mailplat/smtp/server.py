@@ -781,7 +781,7 @@ class SMTPServer(Protocol):
                     self.reply(501, "5.5.2", "Invalid base64 data")
                     return None
         else:
-            initial = b""
+            initial = None
         self._sasl = mechanism
         return self._authStep(initial)
 
@@ -943,7 +943,7 @@ class SMTPServer(Protocol):
             raise SMTPError(555, "5.5.4", "MAIL parameters need EHLO")
         for key, value in list(params.items()):
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     raise SMTPError(501, "5.5.4", "Syntax: SIZE=number")
                 if f.maxMessageSize and int(value) > f.maxMessageSize:
                     raise SMTPError(552, "5.3.4", "Message size exceeds fixed maximum message size")
@@ -1135,10 +1135,15 @@ class SMTPServer(Protocol):
         f = self.factory
         literal = _addressLiteral(self._clientAddress())
         date = _receivedDate(int(self._reactor.seconds()))
-        parts = [
-            f"Received: from {self._helo or 'unknown'} ({literal})",
-            f"\tby {f.hostname} (mailplat) with {self._protocolName()} id {self._messageId}",
-        ]
+        helo = self._helo or ""
+        if wire.isDomain(helo) or wire.isAddressLiteral(helo):
+            parts = [f"Received: from {helo} ({literal})"]
+        else:
+            # RFC 5321 §4.4 From-domain: a Domain or an address literal.  A
+            # name that is neither goes into a comment (By-domain starts
+            # with CFWS), the client named by its address.
+            parts = [f"Received: from {literal} ({literal})", f"\t(HELO name not a domain: {_sanitiseName(helo)})"]
+        parts.append(f"\tby {f.hostname} (mailplat) with {self._protocolName()} id {self._messageId}")
         if len(self._recipients) == 1:
             parts.append(f"\tfor <{self._recipients[0]}>; {date}")
         else:

@@ -312,6 +312,8 @@ def isAddressLiteral(text: str) -> bool:
         return False
     inner = text[1:-1]
     if inner[:5].upper() == "IPV6:":
+        if "%" in inner:
+            return False  # a zone ID (which ipaddress accepts) is not in the IPv6-addr grammar
         try:
             ipaddress.IPv6Address(inner[5:])
             return True
