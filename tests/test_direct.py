@@ -43,7 +43,8 @@ class DirectDeliveryTests(unittest.TestCase):
         self.assertEqual((queued, stored), ([], 1))
         self.assertRegex(qid, r"^[0-9A-F]{16}$")
         content = yield self.store.getContent(A, "INBOX", 1)
-        self.assertEqual(content, MSG)
+        # final delivery puts the envelope sender first (RFC 5321 §4.4)
+        self.assertEqual(content, b"Return-Path: <s@example.net>\r\n" + MSG)
         self.assertEqual(self.metrics.get("mailplat_messages_delivered_total"), 1)
 
     @defer.inlineCallbacks

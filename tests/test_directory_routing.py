@@ -95,3 +95,48 @@ class RouterTests(unittest.TestCase):
         self.assertTrue(r.accepted)
         r = yield self.route("x@elsewhere.example", clientAddress="11.1.2.3")
         self.assertFalse(r.accepted)
+
+    @defer.inlineCallbacks
+    def test_postmasterOfEveryDomainAndWithoutOne(self):
+        """RFC 5321 §4.5.1: postmaster@<served domain> (any case) and RCPT TO:<Postmaster> are accepted."""
+        r = yield self.route("Postmaster")
+        self.assertEqual((r.code, r.enhanced), (550, "5.1.1"), "nobody to give it to yet")
+        self.router.postmaster = "alice@example.org"
+        for address in ("Postmaster", "POSTMASTER", "postmaster@example.org", "PostMaster@EXAMPLE.org"):
+            r = yield self.route(address)
+            self.assertEqual(r.destinations, (LocalDestination("alice@example.org"),), address)
+        # A postmaster user or alias of the domain comes first.
+        self.router._directory.addAlias("postmaster@example.org", ["bob@example.org"])
+        self.router.postmaster = None
+        for address in ("Postmaster", "POSTMASTER@example.org"):
+            r = yield self.route(address)
+            self.assertEqual(r.destinations, (LocalDestination("bob@example.org"),), address)
+        r = yield self.route("postmaster")
+        self.assertTrue(r.accepted)
+        r = yield self.route("postmaster@elsewhere.example")
+        self.assertEqual((r.code, r.enhanced), (550, "5.7.1"), "another domain's postmaster is not relayed")
+
+
+def test_factoryTakesAPostmasterAndWarnsWithoutOne(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    from mailplat.routing.directory import DirectoryRouterFactory
+
+    class Context:
+        directory = makeDirectory(tmp_path / "dir.sqlite")
+
+    Context.reactor = reactor
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        router = DirectoryRouterFactory().build({}, Context)
+        assert router.postmaster is None
+        assert any("no postmaster for example.org" in e.get("log_format", "") for e in seen), seen
+        seen.clear()
+        router = DirectoryRouterFactory().build({"postmaster": "Alice@Example.org"}, Context)
+        assert router.postmaster == "alice@example.org"
+        assert not any("no postmaster" in e.get("log_format", "") for e in seen)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    with pytest.raises(ValueError, match="bad postmaster"):
+        DirectoryRouterFactory().build({"postmaster": "not an address"}, Context)

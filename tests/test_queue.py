@@ -201,9 +201,9 @@ class RunnerTests(unittest.TestCase):
         yield openQueueAndStore(self, ["a@example.org", "b@example.org"])
 
     @defer.inlineCallbacks
-    def runEntry(self, env, processors=()):
+    def runEntry(self, env, processors=(), content=MSG):
         t = self.queue.begin(env)
-        t.write(MSG)
+        t.write(content)
         qid = yield t.commit()
         runner = QueueRunner(self.queue, self.store, processors, reactor=reactor, pollInterval=3600)
         runner.startService()
@@ -217,7 +217,17 @@ class RunnerTests(unittest.TestCase):
     def test_deliversToEveryLocalDestinationOnce(self):
         yield self.runEntry(envelope(LocalDestination("a@example.org"), LocalDestination("b@example.org")))
         for u in ("a@example.org", "b@example.org"):
-            self.assertEqual((yield self.store.getContent(u, "INBOX", 1)), MSG)
+            # final delivery puts the envelope sender first (RFC 5321 §4.4)
+            self.assertEqual((yield self.store.getContent(u, "INBOX", 1)), b"Return-Path: <s@example.net>\r\n" + MSG)
+        self.assertEqual((yield self.queue.listEntries()), [])
+
+    @defer.inlineCallbacks
+    def test_returnPathOfANullSenderAndOfContentKeptInAFile(self):
+        """A bounce's Return-Path is <>; a message the queue keeps in a file gets its Return-Path too."""
+        big = MSG + b"x" * 300_000 + b"\r\n"
+        env = Envelope("", ("a@example.org",), routes=(Route.deliver(LocalDestination("a@example.org")),))
+        yield self.runEntry(env, content=big)
+        self.assertEqual((yield self.store.getContent("a@example.org", "INBOX", 1)), b"Return-Path: <>\r\n" + big)
         self.assertEqual((yield self.queue.listEntries()), [])
 
     @defer.inlineCallbacks
@@ -232,8 +242,8 @@ class RunnerTests(unittest.TestCase):
         yield self.runEntry(envelope(LocalDestination("a@example.org"), LocalDestination("b@example.org")), [Tagger()])
         a = yield self.store.getContent("a@example.org", "INBOX", 1)
         b = yield self.store.getContent("b@example.org", "INBOX", 1)
-        self.assertTrue(a.startswith(b"X-Tag: yes\r\n"))
-        self.assertEqual(b, MSG, "a processor applies only to the destinations it matched")
+        self.assertTrue(a.startswith(b"Return-Path: <s@example.net>\r\nX-Tag: yes\r\n"))
+        self.assertEqual(b, b"Return-Path: <s@example.net>\r\n" + MSG, "a processor applies only to the destinations it matched")
 
     @defer.inlineCallbacks
     def test_errorPolicies(self):

@@ -56,7 +56,7 @@ def sender(port, prefix, acked, attempted, stop):
 
 
 def mailboxContents(port):
-    """Subject tag -> list of sha256 of the message as sent (our Received: header removed)."""
+    """Subject tag -> list of sha256 of the message as sent (our Return-Path: and Received: removed)."""
     out = {}
     with imaplib.IMAP4("127.0.0.1", port) as imap:
         imap.login(USER, PASSWORD)
@@ -67,6 +67,10 @@ def mailboxContents(port):
             if not isinstance(item, tuple):
                 continue
             raw = item[1]
+            # final delivery's Return-Path (RFC 5321 §4.4), then our Received:
+            returnPath = b"Return-Path: <load@example.net>\r\n"
+            assert raw.startswith(returnPath), raw[:80]
+            raw = raw[len(returnPath):]
             end = raw.index(b"\r\n", 0)
             while raw[end + 2:end + 3] in (b" ", b"\t"):
                 end = raw.index(b"\r\n", end + 2)

@@ -7,6 +7,7 @@ implicit-TLS connections, then killed with SIGKILL right after a 250.
 import imaplib
 import json
 import poplib
+import re
 import smtplib
 import ssl
 import time
@@ -75,6 +76,9 @@ def waitForMessage(subject, timeout=15):
 
 
 def stripReceived(raw: bytes) -> bytes:
+    # Final delivery's Return-Path: (RFC 5321 §4.4), the envelope sender.
+    assert re.match(rb"Return-Path: <[^<>\r\n]*>\r\n", raw), raw[:200]
+    raw = raw[raw.index(b"\r\n") + 2:]
     assert raw.startswith(b"Received: "), raw[:200]
     # The one Received: header we add, folded over several lines.
     end = raw.index(b"\r\n", 0)

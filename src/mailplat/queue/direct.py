@@ -27,7 +27,7 @@ from zope.interface import implementer
 from mailplat.interfaces.queue import IQueueTransaction
 from mailplat.interfaces.routing import LocalDestination
 from mailplat.outbound import dsn
-from mailplat.queue.runner import hops
+from mailplat.queue.runner import hops, returnPath
 from mailplat.queue.sqlite import newQueueId
 
 
@@ -57,7 +57,8 @@ class _Transaction:
         destination = self._front.destination(self._envelope)
         if destination is None or self._chunks is None:
             return defer.maybeDeferred(self._txn.commit)
-        content = b"".join(self._chunks)
+        # Final delivery: the Return-Path field first (RFC 5321 §4.4).
+        content = b"".join([returnPath(self._envelope.sender)] + self._chunks)
         self._chunks = None
         if hops(content) > self._front.maxHops:
             return defer.maybeDeferred(self._txn.commit)

@@ -400,13 +400,27 @@ class QueueRunner(Service):
 
     @defer.inlineCallbacks
     def _deliverLocal(self, entry, dest, source):
+        if isinstance(source, str):
+            from twisted.internet.threads import deferToThreadPool
+
+            try:
+                source = yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _readFile, source)
+            except OSError as e:
+                _log.failure("delivery of {queueId}: cannot read its content", queueId=entry.queueId)
+                return Outcome("deferred", "4.3.0", f"temporary local delivery failure: {e.strerror}")
+        content = returnPath(entry.envelope.sender) + source
+        return (yield self._appendLocal(entry, dest, content))
+
+    @defer.inlineCallbacks
+    def _appendLocal(self, entry, dest, content):
+        source = content
         try:
             yield self.store.append(dest.user, dest.mailbox, source,
                                     deliveryId=f"{entry.queueId}:{dest.user}:{dest.mailbox}")
         except NoSuchMailbox:
             if dest.mailbox == "INBOX":
                 return Outcome("failed", "5.1.1", f"mailbox unavailable: {dest.user}")
-            return (yield self._deliverLocal(entry, LocalDestination(dest.user, "INBOX"), source))
+            return (yield self._appendLocal(entry, LocalDestination(dest.user, "INBOX"), source))
         except NoSuchAccount:
             _log.warn("delivery of {queueId} to {user} failed: no such account", queueId=entry.queueId,
                       user=dest.user)
@@ -442,6 +456,16 @@ def destinationKey(dest) -> str:
     if isinstance(dest, LocalDestination):
         return f"local:{dest.user}:{dest.mailbox}"
     return f"remote:{dest.address}"
+
+
+def returnPath(sender: str) -> bytes:
+    """
+    The header field final delivery puts first (RFC 5321 §4.4): the envelope
+    sender, C{<>} for the null reverse-path.  Return-Path fields the message
+    already has are left as they are.
+    """
+    clean = sender.replace("\r", "").replace("\n", "")
+    return b"Return-Path: <" + clean.encode("utf-8") + b">\r\n"
 
 
 def hops(message: bytes) -> int:

@@ -5,7 +5,13 @@ L{mailplat.directory.Directory}.
 For an address in a served domain: a user gets its INBOX; C{user+detail}
 (sub-addressing, RFC 5233) goes to C{user}; an alias expands to its targets
 (recursively, at most 10 levels; remote targets are forwarded through the
-outbound queue); anything else is C{550 5.1.1}.  For any other domain the
+outbound queue); anything else is C{550 5.1.1}.
+
+Postmaster (RFC 5321 §4.5.1): C{postmaster@<served domain>} (any case) that
+is neither a user nor an alias goes to the router's C{postmaster} address
+when one is configured, and C{RCPT TO:<Postmaster>} (no domain) goes to
+that address, or else to C{postmaster@} the first served domain (by name)
+that has such a user or alias.  For any other domain the
 address is relayed only for an authenticated or trusted client, otherwise
 C{550 5.7.1}: mailplat is never an open relay.  Tricks such as
 C{user%other@ours} or C{"user@other"@ours} name a local part that is not a
@@ -22,6 +28,9 @@ from zope.interface import implementer
 
 from mailplat.directory import DirectoryError, normaliseAddress, normaliseDomain
 from mailplat.interfaces.routing import IRouter, IRouterFactory, LocalDestination, RemoteDestination, Route
+from mailplat.log import Logger
+
+_log = Logger()
 
 MAX_ALIAS_DEPTH = 10
 
@@ -37,8 +46,9 @@ class DirectoryRouter:
     C{refreshInterval} seconds may still be accepted from the snapshot.
     """
 
-    def __init__(self, directory, reactor, trustedNetworks=(), refreshInterval=1.0):
+    def __init__(self, directory, reactor, trustedNetworks=(), refreshInterval=1.0, postmaster=None):
         self._directory = directory
+        self.postmaster = normaliseAddress(postmaster) if postmaster else None
         self._reactor = reactor
         self.trustedNetworks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
         self.refreshInterval = refreshInterval
@@ -95,6 +105,8 @@ class DirectoryRouter:
     def _route(self, address, authenticated, trusted, source=None):
         source = source if source is not None else self._directory
         if address.count("@") != 1:
+            if address.lower() == "postmaster":
+                return self._routePostmaster(source)
             if "@" not in address:
                 return Route.reject(550, "5.1.3", "Recipient address must be user@domain")
             # "user@other"@ours after unquoting, or user@other@ours: never relayed.
@@ -111,12 +123,33 @@ class DirectoryRouter:
             return Route.reject(550, "5.7.1", "Relay access denied")
         if self._isLocal(domain, source):
             dests = self._expand(address, 0, source)
+            if dests is None and local.lower() == "postmaster" and self.postmaster:
+                dests = self._expand(self.postmaster, 0, source)
             if dests is None:
                 return Route.reject(550, "5.1.1", "No such user here")
             return Route.deliver(*dests)
         if authenticated or trusted:
             return Route.deliver(RemoteDestination(address))
         return Route.reject(550, "5.7.1", "Relay access denied")
+
+    def _routePostmaster(self, source):
+        """C{RCPT TO:<Postmaster>}: the server's postmaster (RFC 5321 §4.5.1)."""
+        if self.postmaster:
+            dests = self._expand(self.postmaster, 0, source)
+        else:
+            dests = None
+            for domain in sorted(self._domains(source)):
+                dests = self._expand(f"postmaster@{domain}", 0, source)
+                if dests:
+                    break
+        if dests:
+            return Route.deliver(*dests)
+        return Route.reject(550, "5.1.1", "No postmaster mailbox here")
+
+    @staticmethod
+    def _domains(source):
+        domains = getattr(source, "domains", None)
+        return domains if domains is not None else source.listDomains()
 
     def _isLocal(self, domain, source):
         try:
@@ -159,11 +192,32 @@ class DirectoryRouterFactory:
     description = "Domains, users and aliases from the embedded directory; relaying only when authenticated or trusted."
 
     def build(self, args, context):
-        unknown = set(args) - {"trusted_networks"}
+        unknown = set(args) - {"trusted_networks", "postmaster"}
         if unknown:
-            raise ValueError(f"unknown argument(s) for router 'directory': {', '.join(sorted(unknown))}; known: trusted_networks")
+            raise ValueError(
+                f"unknown argument(s) for router 'directory': {', '.join(sorted(unknown))}; known: postmaster, trusted_networks"
+            )
         nets = args.get("trusted_networks", [])
+        postmaster = args.get("postmaster") or None
+        if postmaster is not None:
+            try:
+                postmaster = normaliseAddress(str(postmaster))
+            except DirectoryError as e:
+                raise ValueError(f"router 'directory': bad postmaster address: {e}")
         try:
-            return DirectoryRouter(context.directory, context.reactor, nets)
+            router = DirectoryRouter(context.directory, context.reactor, nets, postmaster=postmaster)
         except ValueError as e:
             raise ValueError(f"router 'directory': bad trusted_networks entry: {e}")
+        if postmaster is None:
+            try:
+                missing = [d for d in context.directory.listDomains()
+                           if not router._expand(f"postmaster@{d}", 0, context.directory)]
+            except Exception:
+                missing = []
+            if missing:
+                _log.warn(
+                    "no postmaster for {domains}: mail to postmaster@ those domains is refused; RFC 5321 §4.5.1 wants"
+                    " it accepted (add a user or alias postmaster@..., or set the router's postmaster argument)",
+                    domains=", ".join(missing),
+                )
+        return router
