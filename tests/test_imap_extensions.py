@@ -77,7 +77,8 @@ class CondstoreTests(Base):
         out = c.ok(b"f FETCH 1:* (FLAGS) (CHANGEDSINCE 1)")
         assert out.count(b"MODSEQ (") == 3
         out = c.ok(b"s1 STORE 2 +FLAGS (\\Seen)")
-        m = re.search(rb"\* 2 FETCH \(FLAGS \(\\Recent \\Seen\) MODSEQ \((\d+)\)\)", out)
+        # RFC 7162 §3.1: with CONDSTORE on, a STORE's untagged FETCH carries UID and MODSEQ
+        m = re.search(rb"\* 2 FETCH \(FLAGS \(\\Recent \\Seen\) UID 2 MODSEQ \((\d+)\)\)", out)
         assert m and int(m.group(1)) > highest
         new = int(m.group(1))
         out = c.ok(b"f2 UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % (new - 1))
@@ -88,6 +89,19 @@ class CondstoreTests(Base):
         assert re.match(rb"\* SEARCH 1 2 3 \(MODSEQ \d+\)\r\n", out)
         out = c.ok(b"st STATUS INBOX (HIGHESTMODSEQ)")
         assert b"HIGHESTMODSEQ" in out
+
+    def test_fetch_that_sets_seen_reports_uid_and_modseq(self):
+        """RFC 7162 §3.1: after CONDSTORE is enabled, a FETCH that implicitly sets \\Seen answers with UID and MODSEQ."""
+        c = self.loggedIn()
+        c.ok(b"e ENABLE CONDSTORE")
+        c.ok(b"s SELECT INBOX")
+        out = c.ok(b"f FETCH 1 (FLAGS BODY[TEXT])")
+        assert re.search(rb"\* 1 FETCH \(FLAGS \(\\Recent \\Seen\) BODY\[TEXT\] \{\d+\}\r\n[^)]*\) ?", out), out
+        assert re.search(rb"MODSEQ \(\d+\) UID 1\)\r\n", out), out
+        out = c.ok(b"g FETCH 2 (BODY[TEXT])")
+        assert re.search(rb"FLAGS \(\\Recent \\Seen\) MODSEQ \(\d+\) UID 2\)\r\n", out), out
+        out = c.ok(b"h FETCH 3 (BODY.PEEK[TEXT])")
+        assert b"MODSEQ" not in out and b"UID" not in out, "nothing set: nothing more to report"
 
     def test_qresync_select_and_vanished(self):
         c = self.loggedIn()
@@ -232,6 +246,22 @@ class BinaryTests(Base):
         assert b"BINARY[1]<1> {2}\r\n\x01\x02" in out
 
 
+class NulOctetTests(Base):
+    def test_a_literal_never_carries_nul(self):
+        """RFC 3501 §9: literal octets are CHAR8 (no NUL); BODY[] sends NUL as 0x80, BINARY[] as it is in a literal8."""
+        raw = b"Subject: nul\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\nA\x00B\r\n"
+        c = self.loggedIn()
+        c.ok(b"a APPEND INBOX ~{%d+}\r\n" % len(raw) + raw)
+        c.ok(b"s SELECT INBOX")
+        out = c.ok(b"f FETCH 1 (BODY.PEEK[] BODY.PEEK[1] RFC822.SIZE)")
+        assert b"\x00" not in out
+        assert b"BODY[] {%d}\r\n" % len(raw) + raw.replace(b"\x00", b"\x80") in out
+        assert b"BODY[1] {5}\r\nA\x80B\r\n" in out
+        assert b"RFC822.SIZE %d" % len(raw) in out
+        out = c.ok(b"g FETCH 1 BINARY.PEEK[1]")
+        assert b"BINARY[1] ~{5}\r\nA\x00B\r\n" in out
+
+
 class QuotaTests(Base):
     def test_quota(self):
         self.successResultOf(self.store.setQuota("alice", storage=10 * 1024, messages=100))
@@ -246,7 +276,20 @@ class QuotaTests(Base):
         assert out.startswith(b"a NO [OVERQUOTA]")
 
 
+    def test_no_limits_no_quota_root(self):
+        """RFC 9208 §9: a QUOTA response lists at least one resource; with no limit there is no root."""
+        c = self.loggedIn()
+        assert c.ok(b"q GETQUOTAROOT INBOX") == b'* QUOTAROOT "INBOX"\r\nq OK GETQUOTAROOT completed\r\n'
+        assert c.send(b'q2 GETQUOTA ""\r\n').startswith(b"q2 NO [NONEXISTENT]")
+
+
 class CompressTests(Base):
+    def test_compress_needs_authentication(self):
+        """RFC 4978 §5: COMPRESS is a command-auth."""
+        c = Client(self.factory)
+        assert c.send(b"z COMPRESS DEFLATE\r\n").startswith(b"z BAD")
+        c.ok(b"c CAPABILITY")
+
     def test_compress_deflate(self):
         c = self.loggedIn()
         out = c.send(b"z COMPRESS DEFLATE\r\n")

@@ -53,7 +53,7 @@ def binaryBytes(raw: bytes, structure: dict, part: tuple):
 def literal8(data: bytes) -> bytes:
     """A literal, or a literal8 (C{~{n}}) when the octets hold NUL (RFC 3516)."""
     if b"\x00" in data:
-        return b"~" + wire.literal(data)
+        return b"~{%d}\r\n" % len(data) + data
     return wire.literal(data)
 
 _NIL = b"NIL"
@@ -272,6 +272,7 @@ class FetchPlan:
         )
         self.wantsFlags = "FLAGS" in names
         self.wantsModseq = "MODSEQ" in names
+        self.wantsUid = "UID" in names
         #: Only FLAGS, UID, INTERNALDATE, RFC822.SIZE, MODSEQ: answerable from metadata alone.
         self.metaOnly = not (self.needsContent or self.needsStructure) and not (
             names - {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"}

@@ -5,8 +5,11 @@ L{mailplat.imap.wire.parseSearchKey} builds, against one message at a time.
 Header keys (FROM, TO, CC, BCC, SUBJECT, HEADER) use the header fields
 cached in the message analysis; they match a case-insensitive substring of
 the raw value or of its RFC 2047 decoding.  BODY and TEXT need the content:
-they match the raw octets and the text of each C{text/*} part after
-content-transfer and charset decoding.  Dates (BEFORE, ON, SINCE) use the
+here they match the raw octets and the text of each C{text/*} part after
+content-transfer and charset decoding.  A store that searches its own index
+(L{mailplat.interfaces.storage.ISearchIndex}, as the SQLite store does)
+matches the decoded text of the C{text/*} parts only (and TEXT the header
+too), not base64 or quoted-printable as sent.  Dates (BEFORE, ON, SINCE) use the
 internal date's day in UTC; SENT* use the Date field's own day, ignoring its
 time and zone; a message without a readable Date field matches no SENT* key.
 

@@ -140,10 +140,11 @@ MAX_BUFFERED = 1024 * 1024
 
 _ANY = ("CAPABILITY", "NOOP", "LOGOUT")
 _NOT_AUTH = ("STARTTLS", "LOGIN", "AUTHENTICATE")
-_ANY = _ANY + ("ID", "COMPRESS")
+_ANY = _ANY + ("ID",)
 _AUTH = (
     "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND",
     "NAMESPACE", "ENABLE", "IDLE", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",
+    "COMPRESS",  # RFC 4978 §5: command-auth
 )
 _SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "SORT", "THREAD")
 #: Commands after which EXPUNGE may not be sent (RFC 3501 7.4.1); their UID forms may.
@@ -571,10 +572,13 @@ class IMAPServerProtocol(Protocol):
         _log.info("IMAP {name} refused by the store: {error}", name=cmd.name, error=str(e))
         safe = str(e).replace("\r", " ").replace("\n", " ")[:200] or "Operation failed"
         if isinstance(e, NoSuchMailbox):
-            code = "TRYCREATE" if cmd.name in ("APPEND", "COPY") else "NONEXISTENT"
+            code = "TRYCREATE" if cmd.name in ("APPEND", "COPY", "MOVE") else "NONEXISTENT"
         elif isinstance(e, MailboxExists):
             code = "ALREADYEXISTS"
-        elif isinstance(e, (InvalidMailboxName, MailboxNotEmpty)):
+        elif isinstance(e, MailboxNotEmpty):
+            # RFC 9051 §7.1: a DELETE refused because of inferior names.
+            code = "HASCHILDREN"
+        elif isinstance(e, InvalidMailboxName):
             code = "CANNOT"
         elif isinstance(e, QuotaExceeded):
             code = "OVERQUOTA"
@@ -806,7 +810,12 @@ class IMAPServerProtocol(Protocol):
             self._send(b"* QUOTAROOT " + self._mbox(info.name) + b"\r\n")
             return ("OK", "GETQUOTAROOT completed")
         quota = await store.getQuota(self._user)
-        self._send(b"* QUOTAROOT " + self._mbox(info.name) + b' ""\r\n' + self._quotaLine(quota))
+        if not self._hasLimits(quota):
+            # No limit, no quota root (a QUOTA response names at least one
+            # resource, RFC 9208 §9).
+            self._send(b"* QUOTAROOT " + self._mbox(info.name) + b"\r\n")
+        else:
+            self._send(b"* QUOTAROOT " + self._mbox(info.name) + b' ""\r\n' + self._quotaLine(quota))
         return ("OK", "GETQUOTAROOT completed")
 
     async def cmd_GETQUOTA(self, cmd):
@@ -814,6 +823,8 @@ class IMAPServerProtocol(Protocol):
         if cmd.args["root"] != "" or not IQuotaStore.providedBy(store):
             return ("NO", "[NONEXISTENT] No such quota root")
         quota = await store.getQuota(self._user)
+        if not self._hasLimits(quota):
+            return ("NO", "[NONEXISTENT] No such quota root")
         self._send(self._quotaLine(quota))
         return ("OK", "GETQUOTA completed")
 
@@ -821,6 +832,10 @@ class IMAPServerProtocol(Protocol):
         if cmd.args["root"] != "" or not IQuotaStore.providedBy(self.factory.store):
             return ("NO", "[NONEXISTENT] No such quota root")
         return ("NO", "[NOPERM] Quotas are set by the administrator")
+
+    @staticmethod
+    def _hasLimits(quota) -> bool:
+        return quota.storageLimit is not None or quota.messagesLimit is not None
 
     @staticmethod
     def _quotaLine(quota) -> bytes:
@@ -1314,8 +1329,13 @@ class IMAPServerProtocol(Protocol):
                 if plan.wantsFlags or uid in seen:
                     if not plan.wantsFlags:
                         items.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
-                        if self._condstore and not plan.wantsModseq:
+                    if uid in seen and self._condstore:
+                        # RFC 7162 §3.1: the FETCH response of a message whose
+                        # \Seen this FETCH set carries its UID and MODSEQ.
+                        if not plan.wantsModseq:
                             items.append((b"MODSEQ", b"(%d)" % meta.modseq))
+                        if not plan.wantsUid:
+                            items.append((b"UID", b"%d" % uid))
                     k = sel.known.get(uid)
                     if k is not None and meta.modseq > k[1]:
                         sel.known[uid] = (meta.flags, meta.modseq)
@@ -1464,7 +1484,8 @@ class IMAPServerProtocol(Protocol):
             changed = old is None or old[1] != c.modseq
             if not cmd.args["silent"] or (self._condstore and unchangedSince is not None and changed):
                 items = [(b"FLAGS", self._flagBytes(sel, c.uid, c.flags))]
-                if cmd.uid:
+                if cmd.uid or self._condstore:
+                    # RFC 7162 §3.1: with CONDSTORE on, every untagged FETCH a STORE causes has UID and MODSEQ.
                     items.append((b"UID", b"%d" % c.uid))
                 if self._condstore:
                     items.append((b"MODSEQ", b"(%d)" % c.modseq))

@@ -1523,6 +1523,14 @@ def quoted(data: bytes) -> bytes:
 
 
 def literal(data: bytes) -> bytes:
+    """
+    A literal.  Its octets are C{CHAR8} (%x01-ff, RFC 3501 §9): a NUL in
+    C{data} (a message stored from a BINARY APPEND or BINARYMIME mail) goes
+    out as 0x80, which keeps every size and offset; C{BINARY[]} sends the
+    octets as they are, in a literal8 (see L{mailplat.imap.fetch.literal8}).
+    """
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"\x80")
     return b"{%d}\r\n" % len(data) + data
 
 
