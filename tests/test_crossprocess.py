@@ -109,6 +109,32 @@ class TwoStores(unittest.TestCase):
         self.assertEqual(re.findall(rb"\* (\d+) FETCH \(UID (\d+)", out), [(b"1", b"2"), (b"2", b"3"), (b"3", b"4")])
 
     @defer.inlineCallbacks
+    def test_messageExpungedElsewhereBeforeItWasAnnouncedIsNeverAnnounced(self):
+        """
+        A message appended in this process (its event waiting for the
+        session's next command) and expunged by another process before
+        that: the session never counts it (no EXISTS without its EXPUNGE).
+        """
+        proto, transport = self.session()
+        proto.dataReceived(b"a LOGIN alice@example.org pw\r\nb SELECT INBOX\r\n")
+        yield self.until(lambda: b"b OK" in transport.value(), "SELECT")
+        _, uid = yield self.reader.append(USER, "INBOX", message(4))  # this process: an event, pending
+        yield self.writer.storeFlags(USER, "INBOX", [uid], "add", ["\\Deleted"])  # the other process
+        yield self.writer.expunge(USER, "INBOX")
+        yield self.until(lambda: proto._selected.resync, "the other process's change noticed")
+        transport.clear()
+        proto.dataReceived(b"c NOOP\r\n")
+        yield self.until(lambda: b"c OK" in transport.value(), "NOOP")
+        out = transport.value()
+        self.assertEqual(out.count(b" EXISTS\r\n"), out.count(b" EXPUNGE\r\n"), out)
+        transport.clear()
+        proto.dataReceived(b"d FETCH 1:* (UID)\r\n")
+        yield self.until(lambda: b"d OK" in transport.value() or b"d NO" in transport.value(), "FETCH")
+        out = transport.value()
+        self.assertIn(b"d OK", out)
+        self.assertEqual(re.findall(rb"\* (\d+) FETCH \(UID (\d+)\)", out), [(b"1", b"1"), (b"2", b"2"), (b"3", b"3")])
+
+    @defer.inlineCallbacks
     def test_gapInOwnEventsReadsTheMailboxBack(self):
         # No looking for other processes' changes: a change of this process
         # whose MODSEQ skips one reveals that another process changed the

@@ -595,6 +595,10 @@ class SocketTests(unittest.TestCase):
         factory.buildProtocol = buildProtocol
         if implicitTLS is not None:
             factory = TLSMemoryBIOFactory(implicitTLS, False, factory)
+        if getattr(self, "limited", False):
+            from mailplat.limits import LimitedFactory
+
+            factory = LimitedFactory(factory, "pop3", 10, 100)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.addCleanup(lambda: defer.DeferredList(self.lost))
@@ -701,6 +705,16 @@ class SocketTests(unittest.TestCase):
         self.assertIn("USER", after)
         self.assertEqual(b"\r\n".join(lines) + b"\r\n", MSG1)
         self.assertIsNotNone(cipher)
+
+    def test_stls_behind_the_connection_limits(self):
+        """
+        As the platform serves POP3: behind L{LimitedFactory}, whose wrapper
+        copied the transport's interfaces before STLS.  After STLS the
+        session knows it is encrypted (RFC 2595 §4): no STLS in CAPA, USER
+        allowed.
+        """
+        self.limited = True
+        return self.test_stls_with_poplib()
 
     @defer.inlineCallbacks
     def test_implicit_tls_pop3s(self):

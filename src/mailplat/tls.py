@@ -125,10 +125,22 @@ class ReloadableServerContext:
 
 
 def isTLS(transport) -> bool:
-    """Whether a transport is already encrypted (implicit TLS or after STARTTLS)."""
+    """
+    Whether a transport is already encrypted (implicit TLS or after STARTTLS).
+    A wrapping transport (the connection limits' L{ProtocolWrapper}) copied
+    its interfaces when the connection was made, before any STARTTLS: the
+    transport it wraps is asked too.
+    """
     from twisted.internet.interfaces import ISSLTransport
+    from twisted.protocols.policies import ProtocolWrapper
 
-    return ISSLTransport.providedBy(transport)
+    for _ in range(8):
+        if ISSLTransport.providedBy(transport):
+            return True
+        if not isinstance(transport, ProtocolWrapper):
+            return False
+        transport = transport.transport
+    return False
 
 
 def isLoopback(transport) -> bool:

@@ -1777,7 +1777,16 @@ class IMAPServerProtocol(Protocol):
             sel.pendingAppend.update(new)
             if not sel.readOnly:
                 sel.recentWon.update(self.factory.claimRecent(self._user, sel.name, new))
-        sel.pendingExpunge.update(u for u in gone if u in sel.known)
+        for u in gone:
+            if u in sel.known:
+                sel.pendingExpunge.add(u)
+            else:
+                # Appended and expunged before this session was told of it
+                # (the append's event from this process still waiting): it
+                # is never announced.
+                sel.pendingAppend.discard(u)
+                sel.appendMetas.pop(u, None)
+                sel.recentWon.discard(u)
 
     def _sendExpunges(self, uids):
         sel = self._selected
