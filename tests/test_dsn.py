@@ -60,3 +60,28 @@ def test_notify():
     assert not notifyWants("NEVER", FAILED)
     assert notifyWants("delay", DELAYED)
     assert xtextDecode("a+2Bb+3Dc") == "a+b=c"
+
+
+def test_internationalReportUsesTheGlobalTypes():
+    """RFC 6533: a UTF-8 address or returned header fields call for the global types and the utf-8 address type."""
+    original = "From: josé@example.org\r\nTo: jösé@remote.test\r\nSubject: olá\r\n\r\nbody\r\n".encode()
+    for ret, returnedType in ((None, "message/global"), ("HDRS", "message/global-headers")):
+        raw = buildReport(reportingMTA="mx.example.org", sender="josé@example.org", queueId="Q2", arrival=0, now=0,
+                          reports=[RecipientReport("jösé@remote.test", FAILED, "5.6.7", "no SMTPUTF8 there")],
+                          original=original, ret=ret)
+        msg = parse(raw)
+        assert msg.get_param("report-type") == "global-delivery-status"
+        text, status, returned = msg.get_payload()
+        assert status.get_content_type() == "message/global-delivery-status"
+        assert "Final-Recipient: utf-8; jösé@remote.test".encode() in raw
+        assert returned.get_content_type() == returnedType
+    raw = buildReport(reportingMTA="m", sender="a@b", queueId="Q", arrival=0, now=0,
+                      reports=[RecipientReport("x@y", FAILED, "5.1.1")], original=ORIGINAL)
+    assert b"global" not in raw, "ASCII stays with RFC 3464's types"
+
+
+def test_diagnosticTypeNamesWhatTheTextIs():
+    """RFC 3464 §2.3.6: "smtp" only for an SMTP reply."""
+    raw = buildReport(reportingMTA="m", sender="a@b", queueId="Q", arrival=0, now=0,
+                      reports=[RecipientReport("x@y", FAILED, "4.4.7", "delivery time expired")], original=ORIGINAL)
+    assert b"Diagnostic-Code: x-mailplat; delivery time expired" in raw

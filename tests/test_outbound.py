@@ -7,11 +7,12 @@ mailplat's own SMTP server (for the success paths) and a scripted server
 import random
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from mailplat.dns import MailResolver
-from mailplat.outbound.client import Recipient, dotStuff
+from mailplat.outbound.client import Recipient, SMTPProtocolError, dotStuff
 from mailplat.outbound.transport import DomainPolicy, OutboundSettings, OutboundTransport
 from mailplat.smtp.server import SMTPFactory
 from mailplat.testing import MemoryQueue, StaticRouter, memoryPortal
@@ -181,6 +182,83 @@ class OutboundTests(unittest.TestCase):
         # Pipelined: MAIL, three RCPTs and DATA arrived before the first reply was read.
         verbs = [l.split(b" ")[0].split(b":")[0] for l in factory.log if not l.startswith((b"From", b"To", b"Sub"))]
         self.assertEqual(verbs[:6], [b"EHLO", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA"])
+
+    @defer.inlineCallbacks
+    def test_refusedDataResetsTheTransactionBeforeTheConnectionIsReused(self):
+        """RFC 5321 §4.1.1.5: MAIL and RCPT were accepted, DATA was not: RSET before the next MAIL."""
+        factory = ScriptedFactory({"EHLO": b"250-scripted\r\n250 PIPELINING", "DATA": b"451 4.3.0 not now"})
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        t = self.transport(smarthost=f"127.0.0.1:{port.getHost().port}")
+        [r] = yield t.deliver("a@example.org", [Recipient("one@far.test")], MSG)
+        self.assertEqual((r.state, r.status), ("deferred", "4.3.0"))
+        factory.script["DATA"] = b"354 go"
+        [r] = yield t.deliver("a@example.org", [Recipient("two@far.test")], MSG)
+        self.assertEqual(r.state, "delivered")
+        self.assertEqual(factory.connections, 1, "the connection was reused")
+        verbs = [l.split(b" ")[0].split(b":")[0] for l in factory.log if l[:4] in (b"MAIL", b"RCPT", b"DATA", b"RSET")]
+        self.assertEqual(verbs, [b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"])
+
+    @defer.inlineCallbacks
+    def test_connectionLostMidPipelineLeavesNoUnhandledError(self):
+        """A 421 to a pipelined RCPT and the connection closed: the recipients wait, nothing is logged as unhandled."""
+
+        class Closing(Scripted):
+            def lineReceived(self, line):
+                if line.startswith(b"RCPT"):
+                    self.factory.log.append(line)
+                    self.sendLine(b"421 4.3.2 shutting down")
+                    self.transport.loseConnection()
+                    return
+                Scripted.lineReceived(self, line)
+
+        factory = ScriptedFactory({"EHLO": b"250-scripted\r\n250 PIPELINING", "DATA": b"354 go"})
+        factory.protocol = Closing
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        t = self.transport(smarthost=f"127.0.0.1:{port.getHost().port}")
+        from twisted.logger import globalLogPublisher
+
+        unhandled = []
+
+        def observe(event):
+            if "Unhandled error in Deferred" in str(event.get("log_format", "")):
+                unhandled.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        results = yield t.deliver("a@example.org", [Recipient("one@far.test"), Recipient("two@far.test")], MSG)
+        self.assertEqual([r.state for r in results], ["deferred", "deferred"])
+        import gc
+
+        for _ in range(3):
+            yield deferLater(reactor, 0.05, lambda: None)
+            gc.collect()
+        self.flushLoggedErrors(SMTPProtocolError)
+        self.assertEqual(unhandled, [])
+
+    @defer.inlineCallbacks
+    def test_binaryMimeOnlyToAServerThatTakesIt(self):
+        """RFC 3030 §3: BODY=BINARYMIME with BDAT where BINARYMIME and CHUNKING are offered; elsewhere 5.6.3."""
+        binary = b"Subject: x\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\n\r\xff"
+        factory = ScriptedFactory({"EHLO": b"250-scripted\r\n250-CHUNKING\r\n250-BINARYMIME\r\n250 8BITMIME"})
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        t = self.transport(smarthost=f"127.0.0.1:{port.getHost().port}")
+        [r] = yield t.deliver("a@example.org", [Recipient("ok@far.test")], binary, binary=True)
+        self.assertEqual(r.state, "delivered")
+        self.assertEqual(factory.messages, [binary])
+        self.assertTrue(any(l.startswith(b"MAIL FROM:<a@example.org>") and b"BODY=BINARYMIME" in l for l in factory.log))
+        for ehlo in (b"250-scripted\r\n250 8BITMIME", b"250-scripted\r\n250-CHUNKING\r\n250 8BITMIME"):
+            factory, [r] = yield self.scripted({"EHLO": ehlo, "DATA": b"354 go"}, [Recipient("ok@far.test")])
+            self.assertEqual(r.state, "delivered", "an ordinary message")
+            other = ScriptedFactory({"EHLO": ehlo, "DATA": b"354 go"})
+            port = reactor.listenTCP(0, other, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            t = self.transport(smarthost=f"127.0.0.1:{port.getHost().port}")
+            [r] = yield t.deliver("a@example.org", [Recipient("ok@far.test")], binary, binary=True)
+            self.assertEqual((r.state, r.status), ("failed", "5.6.3"))
+            self.assertEqual(other.messages, [])
 
     @defer.inlineCallbacks
     def test_dotStuffingAndEhloFallback(self):

@@ -92,6 +92,9 @@ class Transaction:
     ret: str | None = None
     envid: str | None = None
     needsSMTPUTF8: bool = False
+    #: The message came with BODY=BINARYMIME (RFC 3030): it goes only to a
+    #: next hop that offers BINARYMIME and CHUNKING.
+    binary: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class SMTPClient(LineOnlyReceiver):
         self.tls = False
         #: Replies that arrived before anyone asked for them (the greeting may).
         self._unclaimed: list = []
+        #: False once the session is in a state another transaction cannot
+        #: start from (a reset that failed): the connection is not reused.
+        self.reusable = True
 
     # --- transport plumbing ------------------------------------------------
 
@@ -300,11 +306,18 @@ class SMTPClient(LineOnlyReceiver):
             return [Result(r.address, "failed", "5.6.7",
                            "the destination does not support SMTPUTF8, which this message needs", remote)
                     for r in txn.recipients]
+        binary = txn.binary
+        if binary and not ("BINARYMIME" in self.extensions and "CHUNKING" in self.extensions):
+            # RFC 3030 §3: never to a server without BINARYMIME; converting
+            # binary MIME to base64 is not done here, so the message returns.
+            return [Result(r.address, "failed", "5.6.3",
+                           "the destination does not support BINARYMIME, which this message needs", remote)
+                    for r in txn.recipients]
         # UTF-8 header fields (RFC 6532) need SMTPUTF8; without it they are
         # downgraded to RFC 2047 encoded words along with the body.
         utf8Headers = headers8bit(content)
         useSMTPUTF8 = txn.needsSMTPUTF8 or (utf8Headers and "SMTPUTF8" in self.extensions)
-        if (eightBit and "8BITMIME" not in self.extensions) or (utf8Headers and not useSMTPUTF8):
+        if not binary and ((eightBit and "8BITMIME" not in self.extensions) or (utf8Headers and not useSMTPUTF8)):
             from mailplat.outbound.downgrade import downgrade
 
             content = downgrade(content)
@@ -318,7 +331,9 @@ class SMTPClient(LineOnlyReceiver):
         params = []
         if "SIZE" in self.extensions:
             params.append(f"SIZE={len(content)}")
-        if eightBit and "8BITMIME" in self.extensions:
+        if binary:
+            params.append("BODY=BINARYMIME")
+        elif eightBit and "8BITMIME" in self.extensions:
             params.append("BODY=8BITMIME")
         if useSMTPUTF8:
             params.append("SMTPUTF8")
@@ -344,8 +359,12 @@ class SMTPClient(LineOnlyReceiver):
             if not chunking:
                 waits.append(self.expect("data"))
             self.send(*commands)
-            for w in waits:
-                replies.append((yield w))
+            # Every reply is waited for, so that a connection lost half-way
+            # fails them all without one left unhandled.
+            for ok, value in (yield defer.DeferredList(waits, consumeErrors=True)):
+                if not ok:
+                    value.raiseException()
+                replies.append(value)
         else:
             for i, command in enumerate(commands):
                 if command == "DATA" and not any(200 <= r.code < 300 for r in replies[1:]):
@@ -372,16 +391,23 @@ class SMTPClient(LineOnlyReceiver):
             if not chunking and len(replies) == len(commands) and replies[-1].code == 354:
                 yield self._abortData()
             else:
-                yield self._reset()
+                yield self._resetQuietly()
             return [results[r.address] for r in txn.recipients]
         if chunking:
             self.transport.write(b"BDAT %d LAST\r\n" % len(content) + content)
             final = yield self.expect("final")
+            if final.code != 250:
+                # RFC 3030 §4.2: the transaction failed; start the next one clean.
+                yield self._resetQuietly()
         else:
             dataReply = replies[-1]
             if dataReply.code != 354:
                 for r in accepted:
                     results[r.address] = self._failure(r.address, dataReply)
+                # MAIL and RCPT were accepted: without RSET the server keeps
+                # that transaction open and the next MAIL on this connection
+                # would be refused as nested (RFC 5321 §4.1.1.5).
+                yield self._resetQuietly()
                 return [results[r.address] for r in txn.recipients]
             self.transport.write(dotStuff(content))
             final = yield self.expect("final")
@@ -404,13 +430,24 @@ class SMTPClient(LineOnlyReceiver):
     def _abortData(self):
         # A lone "." ends the DATA the server opened; the reply is ignored.
         self.transport.write(b".\r\n")
-        yield self.expect("final")
-        yield self._reset()
+        try:
+            yield self.expect("final")
+        except Exception:
+            self.reusable = False
+            return
+        yield self._resetQuietly()
 
     @defer.inlineCallbacks
-    def _reset(self):
-        self.send("RSET")
-        yield self.expect("mail")
+    def _resetQuietly(self):
+        """RSET; if it fails, the connection is not used again (the results already known stand)."""
+        try:
+            self.send("RSET")
+            reply = yield self.expect("mail")
+        except Exception:
+            self.reusable = False
+            return
+        if reply.code != 250:
+            self.reusable = False
 
     @defer.inlineCallbacks
     def quit(self):

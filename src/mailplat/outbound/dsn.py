@@ -13,6 +13,7 @@ message that itself came from C{<>}.
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -117,6 +118,14 @@ def buildReport(*, reportingMTA: str, sender: str, queueId: str, arrival: float,
         raise ValueError("a delivery status notification needs at least one recipient")
     action = reports[0].action
     boundary = f"=_mailplat_{secrets.token_hex(12)}"
+    # RFC 6533: UTF-8 addresses, or a returned message with UTF-8 header
+    # fields, call for the "global" types (message/delivery-status,
+    # message/rfc822 and text/rfc822-headers are ASCII only).
+    utf8Headers = any(b > 127 for b in _headerOnly(original))
+    international = utf8Headers or not sender.isascii() or any(
+        not r.recipient.isascii() or not (r.originalRecipient or "").isascii() for r in reports
+    )
+    reportType = "global-delivery-status" if international else "delivery-status"
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reportingMTA}>",
         f"To: <{sender}>",
@@ -125,7 +134,7 @@ def buildReport(*, reportingMTA: str, sender: str, queueId: str, arrival: float,
         f"Message-ID: <{queueId}.{secrets.token_hex(6)}.dsn@{reportingMTA}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        f'Content-Type: multipart/report; report-type={reportType};\r\n\tboundary="{boundary}"',
     ]
     lines = [
         f"This is the mail system at {reportingMTA}.",
@@ -148,13 +157,15 @@ def buildReport(*, reportingMTA: str, sender: str, queueId: str, arrival: float,
         if r.originalRecipient:
             kind, _, addr = r.originalRecipient.partition(";")
             block.append(f"Original-Recipient: {kind.strip() or 'rfc822'}; {xtextDecode(addr.strip())}")
-        block.append(f"Final-Recipient: rfc822; {r.recipient}")
+        block.append(f"Final-Recipient: {'rfc822' if r.recipient.isascii() else 'utf-8'}; {r.recipient}")
         block.append(f"Action: {r.action}")
         block.append(f"Status: {r.status}")
         if r.remoteMTA:
             block.append(f"Remote-MTA: dns; {r.remoteMTA}")
         if r.diagnostic:
-            block.append(f"Diagnostic-Code: smtp; {r.diagnostic}")
+            # RFC 3464 §2.3.6: "smtp" names an SMTP reply; our own words get a type of their own.
+            kind = "smtp" if re.match(r"[245]\d\d(?:[ -]|$)", r.diagnostic) else "x-mailplat"
+            block.append(f"Diagnostic-Code: {kind}; {r.diagnostic}")
         if r.lastAttempt is not None:
             block.append(f"Last-Attempt-Date: {_date(r.lastAttempt)}")
         if r.willRetryUntil is not None:
@@ -164,10 +175,11 @@ def buildReport(*, reportingMTA: str, sender: str, queueId: str, arrival: float,
 
     full = action == FAILED and (ret or "FULL").upper() != "HDRS"
     if full:
-        attached = b"Content-Type: message/rfc822\r\nContent-Description: Undelivered Message\r\n\r\n" + original
+        kind = b"message/global" if utf8Headers else b"message/rfc822"
+        attached = b"Content-Type: " + kind + b"\r\nContent-Description: Undelivered Message\r\n\r\n" + original
     else:
-        attached = (b"Content-Type: text/rfc822-headers\r\nContent-Description: Message Headers\r\n\r\n"
-                    + _headerOnly(original))
+        kind = b"message/global-headers" if utf8Headers else b"text/rfc822-headers"
+        attached = b"Content-Type: " + kind + b"\r\nContent-Description: Message Headers\r\n\r\n" + _headerOnly(original)
     if not attached.endswith(b"\r\n"):
         attached += b"\r\n"
     b = boundary.encode()
@@ -177,7 +189,7 @@ def buildReport(*, reportingMTA: str, sender: str, queueId: str, arrival: float,
         + b"Content-Type: text/plain; charset=utf-8\r\nContent-Description: Notification\r\n\r\n"
         + _crlf(text) + b"\r\n"
         + b"--" + b + b"\r\n"
-        + b"Content-Type: message/delivery-status\r\nContent-Description: Delivery report\r\n\r\n"
+        + b"Content-Type: message/" + reportType.encode() + b"\r\nContent-Description: Delivery report\r\n\r\n"
         + _crlf(status) + b"\r\n"
         + b"--" + b + b"\r\n"
         + attached

@@ -113,15 +113,17 @@ class OutboundTransport:
             return p
         return DomainPolicy(tls=self.settings.tls)
 
-    def deliver(self, sender: str, items: list, content: bytes, ret=None, envid=None, needsSMTPUTF8=False):
+    def deliver(self, sender: str, items: list, content: bytes, ret=None, envid=None, needsSMTPUTF8=False,
+                binary=False):
         """
         Deliver C{content} to C{items}: a list of L{Recipient}s.  Fires with a
-        list of L{Result}s in the same order.
+        list of L{Result}s in the same order.  C{binary}: the message came
+        with C{BODY=BINARYMIME}.
         """
         byDomain: dict[str, list] = {}
         for r in items:
             byDomain.setdefault(_domainOf(r.address), []).append(r)
-        ds = [self._deliverDomain(domain, sender, rcpts, content, ret, envid, needsSMTPUTF8)
+        ds = [self._deliverDomain(domain, sender, rcpts, content, ret, envid, needsSMTPUTF8, binary)
               for domain, rcpts in byDomain.items()]
 
         def collect(lists):
@@ -131,9 +133,9 @@ class OutboundTransport:
         return defer.gatherResults(ds, consumeErrors=True).addCallback(collect)
 
     @defer.inlineCallbacks
-    def _deliverDomain(self, domain, sender, rcpts, content, ret, envid, needsSMTPUTF8):
+    def _deliverDomain(self, domain, sender, rcpts, content, ret, envid, needsSMTPUTF8, binary=False):
         policy = self._policyFor(domain)
-        txn = Transaction(sender, rcpts, content, ret, envid, needsSMTPUTF8)
+        txn = Transaction(sender, rcpts, content, ret, envid, needsSMTPUTF8, binary)
         sem = self._semaphores.get(domain)
         yield sem.acquire()
         try:
@@ -240,6 +242,9 @@ class OutboundTransport:
 
     def _keepIdle(self, key, client):
         if client._lost is not None:
+            return
+        if not client.reusable:
+            client.quit()
             return
         call = self._reactor.callLater(self.settings.reuseSeconds, self._expire, key, client)
         self._idle.setdefault(key, []).append((client, call))

@@ -46,8 +46,10 @@ class Notifier:
                       action=reports[0].action, queueId=entry.queueId, sender=env.sender, code=route.code,
                       text=route.text)
             return None
-        txn = self.queue.begin(Envelope(sender="", recipients=(env.sender,), routes=(route,), rcptParams=({},),
-                                        protocol="local"))
+        # A notice with UTF-8 in it (RFC 6533) travels as SMTPUTF8 mail.
+        params = {"SMTPUTF8": None, "BODY": "8BITMIME"} if any(b > 127 for b in report) else {}
+        txn = self.queue.begin(Envelope(sender="", recipients=(env.sender,), mailParams=params, routes=(route,),
+                                        rcptParams=({},), protocol="local"))
         txn.write(report)
         qid = yield txn.commit()
         _log.info("{queueId}: {action} notice {notice} queued for <{sender}>", queueId=entry.queueId,

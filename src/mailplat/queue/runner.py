@@ -385,10 +385,15 @@ class QueueRunner(Service):
                 for key, rcpt, dest, _ in items:
                     p = params.get(rcpt, {}) if rcpt is not None else {}
                     recipients.append(Recipient(dest.address, p.get("NOTIFY"), p.get("ORCPT")))
+                extra = {}
+                if env.mailParams.get("BODY") == "BINARYMIME":
+                    # (Asked for only then: an outbound transport without the
+                    # argument still gets every other message.)
+                    extra["binary"] = True
                 try:
                     results = yield self.outbound.deliver(
                         env.sender, recipients, content, ret=env.mailParams.get("RET"),
-                        envid=env.mailParams.get("ENVID"), needsSMTPUTF8="SMTPUTF8" in env.mailParams)
+                        envid=env.mailParams.get("ENVID"), needsSMTPUTF8="SMTPUTF8" in env.mailParams, **extra)
                 except Exception:
                     _log.failure("outbound delivery of {queueId} failed", queueId=entry.queueId)
                     results = [Result(r.address, "deferred", "4.3.0", "temporary outbound failure") for r in recipients]
