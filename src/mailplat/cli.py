@@ -253,7 +253,18 @@ def cmdQueue(args, config, out):
         method = getattr(q, queueActions[args.action], None)
         if method is None:
             raise CommandError(f"this queue plugin cannot {args.action}")
-        d = method(args.id.upper())
+        if args.action == "retry" and hasattr(q, "details"):
+            # A held message is not tried until it is released: say so.
+            def unlessHeld(details):
+                if details is None:
+                    raise KeyError(args.id)
+                return "held" if details[2] else method(args.id.upper())
+
+            from twisted.internet import defer
+
+            d = defer.maybeDeferred(q.details, args.id.upper()).addCallback(unlessHeld)
+        else:
+            d = method(args.id.upper())
 
         def missing(f):
             f.trap(KeyError)
@@ -284,6 +295,8 @@ def cmdQueue(args, config, out):
             out(f"  {address}: {state}" + (f" ({error})" if error else ""))
     elif args.action == "flush":
         out(f"{result} message(s) due now; a running server picks them up within its poll interval")
+    elif args.action == "retry" and result == "held":
+        out(f"retry: {args.id.upper()} is held; it is tried once released (mailplat queue release {args.id.upper()})")
     else:
         out(f"{args.action}: {args.id.upper()} done")
 
