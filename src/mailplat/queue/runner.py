@@ -360,10 +360,17 @@ class QueueRunner(Service):
         """
         outcome = {}
         remote = []
+        local = {}  # id(source) -> the content with its Return-Path, made once for every local destination
         for rcpt, dest, source in work:
             key = destinationKey(dest) if rcpt is not None else "+" + destinationKey(dest)
             if isinstance(dest, LocalDestination):
-                outcome[key] = yield self._deliverLocal(entry, dest, source)
+                if id(source) not in local:
+                    local[id(source)] = yield self._finalContent(entry, source)
+                content = local[id(source)]
+                if isinstance(content, Outcome):
+                    outcome[key] = content
+                else:
+                    outcome[key] = yield self._deliverLocal(entry, dest, content)
             elif isinstance(dest, RemoteDestination):
                 remote.append((key, rcpt, dest, source))
         if remote and self.outbound is None:
@@ -404,7 +411,8 @@ class QueueRunner(Service):
         return outcome
 
     @defer.inlineCallbacks
-    def _deliverLocal(self, entry, dest, source):
+    def _finalContent(self, entry, source):
+        """What final delivery stores: C{Return-Path} first (RFC 5321 §4.4); an L{Outcome} if the file cannot be read."""
         if isinstance(source, str):
             from twisted.internet.threads import deferToThreadPool
 
@@ -413,19 +421,17 @@ class QueueRunner(Service):
             except OSError as e:
                 _log.failure("delivery of {queueId}: cannot read its content", queueId=entry.queueId)
                 return Outcome("deferred", "4.3.0", f"temporary local delivery failure: {e.strerror}")
-        content = returnPath(entry.envelope.sender) + source
-        return (yield self._appendLocal(entry, dest, content))
+        return returnPath(entry.envelope.sender) + source
 
     @defer.inlineCallbacks
-    def _appendLocal(self, entry, dest, content):
-        source = content
+    def _deliverLocal(self, entry, dest, source):
         try:
             yield self.store.append(dest.user, dest.mailbox, source,
                                     deliveryId=f"{entry.queueId}:{dest.user}:{dest.mailbox}")
         except NoSuchMailbox:
             if dest.mailbox == "INBOX":
                 return Outcome("failed", "5.1.1", f"mailbox unavailable: {dest.user}")
-            return (yield self._appendLocal(entry, LocalDestination(dest.user, "INBOX"), source))
+            return (yield self._deliverLocal(entry, LocalDestination(dest.user, "INBOX"), source))
         except NoSuchAccount:
             _log.warn("delivery of {queueId} to {user} failed: no such account", queueId=entry.queueId,
                       user=dest.user)
