@@ -60,7 +60,7 @@ def test_connections_per_ip_limited_and_released_on_disconnect():
     hook = LimitsHook(clock, maxConnectionsPerIP=2)
     a, b = start(hooks=[hook]), start(hooks=[hook])
     c = Session(hooks=[hook])
-    assert c.replies() == [(421, ["mx.example.org Too many connections from your address, try again later"])]
+    assert c.replies() == [(421, ["4.7.0 mx.example.org Too many connections from your address, try again later"])]
     assert c.closed
     c.proto.connectionLost(None)  # a refused connection is not counted twice
     other = start(hooks=[hook], peer="192.0.2.8")  # another address is not affected
@@ -88,7 +88,7 @@ def test_connection_rate():
     hook = LimitsHook(clock, maxConnectionsPerIP=0, connectionRate=2, window=60)
     start(hooks=[hook]), start(hooks=[hook])
     s = Session(hooks=[hook])
-    assert s.replies()[0] == (421, ["mx.example.org Connection rate limit exceeded, try again later"])
+    assert s.replies()[0] == (421, ["4.7.0 mx.example.org Connection rate limit exceeded, try again later"])
     clock.advance(61)
     start(hooks=[hook])
 
@@ -272,3 +272,29 @@ def test_greylistUnreadableFileStartsEmpty(tmp_path):
     path.write_text("{not json")
     hook = GreylistHook(task.Clock(), path=str(path))
     assert len(hook._entries) == 0
+
+
+def test_dnsbl_servfail_and_refused_pass_but_are_logged():
+    """Fail open: only NXDOMAIN is a plain "not listed"; SERVFAIL and REFUSED (a list refusing the resolver) are logged."""
+    from twisted.logger import globalLogPublisher
+    from twisted.names.error import DNSQueryRefusedError, DNSServerError
+
+    class Failing(FakeResolver):
+        def lookupAddress(self, name, timeout=None):
+            self.queries.append(name)
+            error = {"7": DNSServerError, "8": DNSQueryRefusedError, "9": DNSNameError}[name.split(".")[0]]
+            return defer.fail(error(name))
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        hook = DNSBLHook(Failing({}), ["bl.example"], task.Clock())
+        for peer in ("192.0.2.7", "192.0.2.8", "192.0.2.9"):
+            t = start(hooks=[hook], peer=peer)
+            t.ehlo()
+            t.cmd(MAIL)
+            assert t.cmd("RCPT TO:<alice@example.org>")[0] == 250
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warned = [e for e in seen if "dnsbl: lookup of" in str(e.get("log_format", ""))]
+    assert [e["name"].split(".")[0] for e in warned] == ["7", "8"]

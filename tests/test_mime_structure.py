@@ -289,3 +289,31 @@ def test_offsets_stay_in_bounds(chunks):
             walk(part["body"])
 
     walk(s["body"])
+
+
+def test_a_list_tag_alone_does_not_make_a_reply():
+    """RFC 5256 §2.1: a reply is marked by a Re:/Fwd: leader, a (fwd) trailer or a [Fwd: ...] wrapper, not by a [blob]."""
+    from mailplat.mime.structure import baseSubject, subjectIsReply
+
+    for subject, base, reply in (("Quarterly report", "QUARTERLY REPORT", False),
+                                 ("[PATCH] Quarterly report", "QUARTERLY REPORT", False),
+                                 ("[list] Re: x", "X", True), ("x (fwd)", "X", True),
+                                 ("[Fwd: hello]", "HELLO", True), ("Fwd: [tag] y", "Y", True), ("", "", False)):
+        assert (baseSubject(subject), subjectIsReply(subject)) == (base, reply), subject
+
+
+def test_search_text_of_8bit_bodies_labelled_ascii_and_folded_headers():
+    """An 8-bit body with no charset (US-ASCII by default) is searchable as its own charset; TEXT sees unfolded headers."""
+    from mailplat.imap.search import Candidate, matches, prepare
+    from mailplat.mime.structure import textParts
+
+    raw = "Subject: very long subject that\r\n is folded across lines\r\n\r\nGrüße, naïve façade\r\n".encode()
+    st = analyze(raw)
+    assert list(textParts(raw, st["body"])) == ["Grüße, naïve façade\r\n"]
+    latin = "Subject: x\r\n\r\nna\u00efve\r\n".encode("latin-1")
+    assert list(textParts(latin, analyze(latin)["body"])) == ["naïve\r\n"]
+    msg = Candidate(seq=1, uid=1, flags=frozenset(), recent=False, size=len(raw), internalDate=0.0,
+                    structure=st, content=raw)
+    for kind, needle in (("text", "that is folded"), ("body", "naïve"), ("text", "naïve")):
+        key = prepare((kind, needle.encode()), "UTF-8")
+        assert matches(key, msg, 1, 1), (kind, needle)

@@ -768,12 +768,13 @@ def test_hook_rejects_data_and_disconnects():
 
 
 def test_hook_rejects_at_connect():
+    # A refusal at connect carries the hook's enhanced code (only the 220 greeting goes without).
     s = Session(hooks=[RecordingHook(connect=Decision.reject("No service"))])
-    assert s.replies() == [(554, [f"{HOST} No service"])]
+    assert s.replies() == [(554, [f"5.7.1 {HOST} No service"])]
     assert s.cmd("EHLO x.example")[0] == 503
     assert s.cmd("QUIT")[0] == 221
     s = Session(hooks=[RecordingHook(connect=Decision.tempfail("Busy"))])
-    assert s.replies() == [(421, [f"{HOST} Busy"])]
+    assert s.replies() == [(421, [f"4.7.1 {HOST} Busy"])]
     assert s.closed
 
 

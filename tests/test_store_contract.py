@@ -844,6 +844,27 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         self.assertEqual([contents[u] for u in (1, 2, 3, 4)], [MSG, MSG + b"2", MSG + b"3", MSG + b"4"])
 
     @defer.inlineCallbacks
+    def test_indexMadeWhenAListTagCountedAsAReplyIsMadeAgain(self):
+        """Rows marked as replies by an older version are rebuilt from their messages at open."""
+        yield self.store.append(self.user, "INBOX", b"Subject: [PATCH] tagged\r\n\r\nbody\r\n")
+        db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+        db.execute("UPDATE msgindex SET isreply=1")
+        db.execute("DELETE FROM meta WHERE key='isreply'")
+        db.commit()
+        db.close()
+        yield self.store.close()
+        self.store = SQLiteStore(self.directory, reactor)
+        yield self.store.open()
+        for _ in range(50):
+            db = sqlite3.connect(os.path.join(self.directory, "index.sqlite"))
+            rows = db.execute("SELECT isreply FROM msgindex").fetchall()
+            db.close()
+            if rows:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(rows, [(0,)])
+
+    @defer.inlineCallbacks
     def test_aSmallAppendDoesNotOvertakeABigOne(self):
         """A message kept in a file goes through the files thread; one kept in the index submitted after it waits its turn."""
         big = MSG + b"x" * (self.store.inlineMax + 1)

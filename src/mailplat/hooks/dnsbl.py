@@ -27,7 +27,7 @@ from twisted.internet import defer
 
 from mailplat.log import Logger
 from twisted.names import dns
-from twisted.names.error import DNSNameError, DomainError
+from twisted.names.error import DNSNameError
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -89,8 +89,10 @@ class DNSBLHook(PassThroughHook):
         d.addCallback(lambda result: self._listed(result[0]))
 
         def failed(f):
-            if f.check(DNSNameError, DomainError):
-                return False
+            if f.check(DNSNameError):
+                return False  # NXDOMAIN: not listed
+            # SERVFAIL, REFUSED (a list that refuses the resolver) and
+            # timeouts: not listed either (fail open), but the operator hears of it.
             _log.warn("dnsbl: lookup of {name} failed: {error}", name=name, error=f.getErrorMessage())
             return False
 

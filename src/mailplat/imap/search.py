@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import email.header
 import email.utils
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -203,7 +204,9 @@ def _contentMatches(msg: Candidate, needle: str, withHeader: bool) -> bool:
         return needle in content.decode("utf-8", "replace").casefold()
     hs, bs, end = body["offsets"]
     if withHeader:
-        if needle in content[hs:bs].decode("utf-8", "replace").casefold():
+        header = content[hs:bs].decode("utf-8", "replace")
+        # Header fields as they read, unfolded (RFC 5322 §2.2.3), as well as raw.
+        if needle in header.casefold() or needle in re.sub(r"\r?\n(?=[ \t])", "", header).casefold():
             return True
         for _, value in structure.get("headers", ()):
             if "=?" in value and needle in _rfc2047(value).casefold():

@@ -579,18 +579,36 @@ def baseSubject(subject) -> str:
     collapsed, C{Re:}/C{Fwd:} leaders, C{[blob]}s, C{(fwd)} trailers and
     C{[Fwd: ...]} wrappers removed, upper-cased for comparison.
     """
+    return _baseSubject(subject)[0]
+
+
+def subjectIsReply(subject) -> bool:
+    """
+    Whether extracting the base subject removed a reply or forward mark
+    (C{Re:}/C{Fwd:} leader, C{(fwd)} trailer, C{[Fwd: ...]} wrapper): RFC
+    5256 section 2.1's test of a reply.  A C{[blob]} alone (a list tag) is not one.
+    """
+    return _baseSubject(subject)[1]
+
+
+def _baseSubject(subject):
     if not subject:
-        return ""
+        return "", False
     s = re.sub(r"\s+", " ", decodeWords(subject)).strip()
+    reply = False
     while True:
         while True:
-            t = _SUBJ_TRAILER.sub("", s)
-            if t == s:
+            m = _SUBJ_TRAILER.search(s)
+            if m is None or not m.group(0):
                 break
-            s = t
+            if "(fwd)" in m.group(0).lower():
+                reply = True
+            s = s[:m.start()]
         while True:
             t = _SUBJ_LEADER.sub("", s, count=1)
-            if t == s:
+            if t != s:
+                reply = True
+            else:
                 m = _SUBJ_BLOBONLY.match(s)
                 if m is not None and s[m.end():]:
                     t = s[m.end():]
@@ -600,8 +618,9 @@ def baseSubject(subject) -> str:
         m = _SUBJ_FWD.match(s)
         if m is None:
             break
+        reply = True
         s = m.group(1).strip()
-    return s.upper()
+    return s.upper(), reply
 
 
 def _firstMailbox(addrs):
@@ -701,10 +720,22 @@ def textParts(raw: bytes, part: dict, depth=0):
         return
     data = decodedBody(raw, part)
     charset = _param(part["params"], "charset") or "utf-8"
+    if charset.lower() in _ASCII_NAMES and any(b > 127 for b in data):
+        # Labelled US-ASCII (or not labelled: the default) yet 8-bit, as
+        # 8BITMIME mail without MIME fields is: the octets' own charset,
+        # UTF-8 when they are UTF-8, else ISO-8859-1, not U+FFFD for each.
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError:
+            yield data.decode("latin-1")
+        return
     try:
         yield data.decode(charset, "replace")
     except (LookupError, ValueError):  # unknown, or e.g. a NUL in the name
         yield data.decode("utf-8", "replace")
+
+
+_ASCII_NAMES = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "iso646-us", "us"})
 
 
 def bodyText(raw: bytes, structure: dict) -> str:
@@ -748,8 +779,7 @@ def indexFields(structure: dict) -> dict:
 
     sentDate, sentDay = parseDateHeader(env.get("date"))
     subject = env.get("subject") or ""
-    base = baseSubject(subject)
-    rawSubject = re.sub(r"\s+", " ", decodeWords(subject)).strip().upper()
+    base, isReply = _baseSubject(subject)
     ids = messageIds(env.get("message-id"))
     refs = messageIds(" ".join(fields.get("references", ())))
     return {
@@ -761,7 +791,7 @@ def indexFields(structure: dict) -> dict:
         "sentDate": sentDate,
         "sentDay": sentDay,
         "sortSubject": base,
-        "isReply": base != rawSubject,
+        "isReply": isReply,
         "sortFrom": sortAddress(env.get("from")),
         "sortTo": sortAddress(env.get("to")),
         "sortCc": sortAddress(env.get("cc")),

@@ -420,12 +420,15 @@ class SMTPServer(Protocol):
 
     def _greet(self, decision):
         host = self.factory.hostname
+        # A refusal at connect carries the hook's enhanced code, as the
+        # connection limits' 421 4.7.0 does (RFC 2034 leaves only the 220
+        # greeting without one).
         if decision.action in (REJECT_TEMP, DISCONNECT):
-            self.reply(421, "", f"{host} {decision.text or 'Service not available'}", plain=True)
+            self.reply(421, decision.enhanced or "4.7.0", f"{host} {decision.text or 'Service not available'}")
             self._close()
         elif decision.action == REJECT_PERM:
             self._rejectedAtConnect = True
-            self.reply(554, "", f"{host} {decision.text or 'No SMTP service here'}", plain=True)
+            self.reply(554, decision.enhanced or "5.7.1", f"{host} {decision.text or 'No SMTP service here'}")
         else:
             self.reply(220, "", f"{host} ESMTP mailplat", plain=True)
 

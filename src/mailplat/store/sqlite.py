@@ -427,6 +427,12 @@ def _migrate(db) -> None:
             for name in ("nmessages", "nunseen", "nsize"):
                 db.execute(f"ALTER TABLE mailboxes ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
             db.execute(RECOUNT)
+        if db.execute("SELECT 1 FROM meta WHERE key='isreply'").fetchone() is None:
+            # Index rows made when a [list tag] removed from a subject counted
+            # as a reply mark (RFC 5256 §2.1 says it is not): the rows marked
+            # as replies are made again from their messages (_backfillIndex).
+            db.execute("DELETE FROM msgindex WHERE isreply=1")
+            db.execute("INSERT INTO meta (key, value) VALUES ('isreply', '2')")
         # (executescript would commit first: one statement at a time.)
         for trigger in COUNT_TRIGGERS.split("END;")[:-1]:
             db.execute(trigger + "END;")
