@@ -720,7 +720,7 @@ def textParts(raw: bytes, part: dict, depth=0):
         return
     data = decodedBody(raw, part)
     charset = _param(part["params"], "charset") or "utf-8"
-    if charset.lower() in _ASCII_NAMES and any(b > 127 for b in data):
+    if charset.lower() in _ASCII_NAMES and not data.isascii():
         # Labelled US-ASCII (or not labelled: the default) yet 8-bit, as
         # 8BITMIME mail without MIME fields is: the octets' own charset,
         # UTF-8 when they are UTF-8, else ISO-8859-1, not U+FFFD for each.

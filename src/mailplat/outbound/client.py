@@ -123,11 +123,7 @@ class SMTPProtocolError(Exception):
 
 
 def has8bit(data: bytes) -> bool:
-    try:
-        data.decode("ascii")
-        return False
-    except UnicodeDecodeError:
-        return True
+    return not data.isascii()
 
 
 def headers8bit(data: bytes) -> bool:

@@ -35,12 +35,14 @@ from email.generator import BytesGenerator
 from io import BytesIO
 
 from mailplat.mime.structure import analyze
+from mailplat.outbound.client import has8bit
 
-_8BIT = re.compile(rb"[\x80-\xff]")
-
-
-def _is8bit(data: bytes) -> bool:
-    return _8BIT.search(data) is not None
+def _decoded(raw: bytes):
+    """(text, charset) of 8-bit header octets: UTF-8 when they are, else ISO-8859-1."""
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return raw.decode("latin-1"), "iso-8859-1"
 
 
 def _fields(block: bytes) -> list:
@@ -61,10 +63,7 @@ def _name(field: bytes) -> bytes:
 def _encodedField(field: bytes) -> bytes:
     name, _, value = field.partition(b":")
     raw = re.sub(rb"\r?\n[ \t]", b" ", value).strip()
-    try:
-        text, charset = raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, charset = raw.decode("latin-1"), "iso-8859-1"
+    text, charset = _decoded(raw)
     encoded = email.header.Header(text, charset, header_name=name.decode("ascii", "replace")).encode(linesep="\r\n")
     return name + b": " + encoded.encode("ascii") + b"\r\n"
 
@@ -90,7 +89,7 @@ class _Downgrade:
         fields = _fields(block)
         changed = False
         for i, f in enumerate(fields):
-            if f.strip() and _is8bit(f):
+            if f.strip() and has8bit(f):
                 fields[i] = _encodedField(f)
                 changed = True
         if "parts" in node:
@@ -100,13 +99,13 @@ class _Downgrade:
             # message/rfc822 (or global): the embedded message itself, then
             # this part says 7bit (it may not be base64 or quoted-printable).
             self.entity(node["body"], top=True)
-            if _is8bit(self.message[bs:end]) or node.get("encoding", "7BIT") != "7BIT":
+            if has8bit(self.message[bs:end]) or node.get("encoding", "7BIT") != "7BIT":
                 fields = self._setEncoding(fields, b"7bit")
                 changed = True
         else:
             body = self.message[bs:end]
             encoding = node.get("encoding", "7BIT").upper()
-            if _is8bit(body) and encoding not in ("BASE64", "QUOTED-PRINTABLE"):
+            if has8bit(body) and encoding not in ("BASE64", "QUOTED-PRINTABLE"):
                 if node.get("type") == "text":
                     new, cte = _quotedPrintable(body), b"quoted-printable"
                 else:
@@ -148,17 +147,14 @@ def _viaEmailPackage(message: bytes) -> bytes:
     for part in msg.walk():
         for i, (key, value) in enumerate(part._headers):
             raw = value.encode("ascii", "surrogateescape") if isinstance(value, str) else None
-            if raw is None or not _is8bit(raw):
+            if raw is None or not has8bit(raw):
                 continue
-            try:
-                text, charset = raw.decode("utf-8"), "utf-8"
-            except UnicodeDecodeError:
-                text, charset = raw.decode("latin-1"), "iso-8859-1"
+            text, charset = _decoded(raw)
             part._headers[i] = (key, email.header.Header(text.strip(), charset, header_name=key).encode())
         if part.is_multipart():
             continue
         payload = part.get_payload(decode=True)
-        if payload is None or not _is8bit(payload):
+        if payload is None or not has8bit(payload):
             continue
         if (part.get("Content-Transfer-Encoding") or "7bit").lower() in ("base64", "quoted-printable"):
             continue
@@ -175,7 +171,7 @@ def _viaEmailPackage(message: bytes) -> bytes:
 
 def downgrade(message: bytes) -> bytes:
     """C{message} with no 8-bit octets left (see the module docstring)."""
-    if not _is8bit(message):
+    if not has8bit(message):
         return message
     try:
         structure = analyze(message)
@@ -184,6 +180,6 @@ def downgrade(message: bytes) -> bytes:
         out = d.result()
     except Exception:
         out = message
-    if _is8bit(out):
+    if has8bit(out):
         out = _viaEmailPackage(out)
     return out

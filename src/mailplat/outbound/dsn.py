@@ -121,7 +121,7 @@ def buildReport(*, reportingMTA: str, sender: str, queueId: str, arrival: float,
     # RFC 6533: UTF-8 addresses, or a returned message with UTF-8 header
     # fields, call for the "global" types (message/delivery-status,
     # message/rfc822 and text/rfc822-headers are ASCII only).
-    utf8Headers = any(b > 127 for b in _headerOnly(original))
+    utf8Headers = not _headerOnly(original).isascii()
     international = utf8Headers or not sender.isascii() or any(
         not r.recipient.isascii() or not (r.originalRecipient or "").isascii() for r in reports
     )

@@ -47,7 +47,7 @@ class Notifier:
                       text=route.text)
             return None
         # A notice with UTF-8 in it (RFC 6533) travels as SMTPUTF8 mail.
-        params = {"SMTPUTF8": None, "BODY": "8BITMIME"} if any(b > 127 for b in report) else {}
+        params = {"SMTPUTF8": None, "BODY": "8BITMIME"} if not report.isascii() else {}
         txn = self.queue.begin(Envelope(sender="", recipients=(env.sender,), mailParams=params, routes=(route,),
                                         rcptParams=({},), protocol="local"))
         txn.write(report)

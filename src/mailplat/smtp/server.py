@@ -249,6 +249,7 @@ class SMTPServer(Protocol):
         self._paused = False
         self._rejectedAtConnect = False
         self._helo = None
+        self._heloIsDomain = False
         self._esmtp = False
         self._tls = False
         self._user = ""
@@ -659,6 +660,8 @@ class SMTPServer(Protocol):
                 return
             self._resetTransaction()
             self._helo = _sanitiseName(name)
+            # (RFC 5321 §4.4 From-domain: decided once per HELO, not per message.)
+            self._heloIsDomain = wire.isDomain(name) or wire.isAddressLiteral(name)
             self._esmtp = esmtp
             greeting = f"{self.factory.hostname} Hello {self._helo} {_addressLiteral(self._clientAddress())}"
             if not esmtp:
@@ -1139,7 +1142,7 @@ class SMTPServer(Protocol):
         literal = _addressLiteral(self._clientAddress())
         date = _receivedDate(int(self._reactor.seconds()))
         helo = self._helo or ""
-        if wire.isDomain(helo) or wire.isAddressLiteral(helo):
+        if helo and self._heloIsDomain:
             parts = [f"Received: from {helo} ({literal})"]
         else:
             # RFC 5321 §4.4 From-domain: a Domain or an address literal.  A
