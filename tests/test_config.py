@@ -105,3 +105,66 @@ def test_smtpWorkerProcesses():
     # The stateless hooks are fine with several processes.
     c = parseConfig('[smtp]\nprocesses = 2\n[[hooks]]\nplugin = "dnsbl"\nargs = { zones = ["zen.example"] }\n')
     assert c.smtp.processes == 2
+
+
+def test_sharedMailboxes():
+    from mailplat.imap.shared import SharedMailbox
+
+    c = parseConfig("""
+[imap]
+shared_prefix = "Public"
+
+[[imap.shared]]
+name = "Sales"
+owner = "Sales@Example.COM"
+users = ["@example.com", "bob@other.org"]
+
+[[imap.shared]]
+name = "News"
+owner = "news@example.com"
+mailbox = "inbox/feeds"
+users = ["*"]
+read_only = true
+""")
+    assert c.imap.shared_prefix == "Public"
+    assert c.imap.shared == (
+        SharedMailbox("Sales", "sales@example.com", "INBOX", ("@example.com", "bob@other.org"), False),
+        SharedMailbox("News", "news@example.com", "INBOX/feeds", ("*",), True),
+    )
+    assert Config().imap.shared == () and Config().imap.shared_prefix == "Shared"
+    with pytest.raises(ConfigError) as e:
+        parseConfig("""
+[imap]
+shared_prefix = "a/b"
+
+[[imap.shared]]
+name = "Sa/les"
+owner = "sales"
+users = []
+colour = "red"
+
+[[imap.shared]]
+owner = "x@example.com"
+users = ["*"]
+
+[[imap.shared]]
+name = "Dup"
+owner = "x@example.com"
+users = ["*"]
+
+[[imap.shared]]
+name = "Dup"
+owner = "y@example.com"
+users = ["*"]
+""")
+    text = str(e.value)
+    for expected in (
+        "imap.shared_prefix: must be a valid mailbox name of one level",
+        "imap.shared[0].colour: unknown key",
+        "imap.shared[0].name: must be a valid mailbox name of one level",
+        "imap.shared[0].owner: must be an account",
+        "imap.shared[0].users: is required",
+        "imap.shared[1].name: is required",
+        "imap.shared[3].name: 'Dup' is already the name of another shared mailbox",
+    ):
+        assert expected in text, text

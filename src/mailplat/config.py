@@ -71,6 +71,15 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class IMAPConfig(AccessConfig):
+    """IMAP listeners, and the shared namespace (L{mailplat.imap.shared}): C{[[imap.shared]]} grants under C{shared_prefix}."""
+
+    shared_prefix: str = "Shared"
+    #: L{mailplat.imap.shared.SharedMailbox} grants, in configuration order.
+    shared: tuple = ()
+
+
+@dataclass(frozen=True)
 class OutboundConfig:
     """Delivery to other mail servers (see examples/mailplat.toml)."""
 
@@ -127,7 +136,7 @@ class Config:
     processors: tuple = ()
     converters: tuple = ()
     smtp: SMTPConfig = SMTPConfig()
-    imap: AccessConfig = AccessConfig(
+    imap: IMAPConfig = IMAPConfig(
         listen=("tcp:2143:interface=127.0.0.1",), listen_tls=("tcp:2993:interface=127.0.0.1",)
     )
     pop3: AccessConfig = AccessConfig(
@@ -265,6 +274,73 @@ class _Checker:
         return tuple(out)
 
 
+def _sharedPrefix(c, t, default):
+    prefix = c.string(t, "shared_prefix", "imap", default)
+    from mailplat.interfaces.storage import InvalidMailboxName, validateMailboxName
+
+    try:
+        ok = validateMailboxName(prefix) == prefix and "/" not in prefix and prefix.upper() != "INBOX"
+    except InvalidMailboxName:
+        ok = False
+    if not ok:
+        c.error("imap.shared_prefix", "must be a valid mailbox name of one level (no \"/\"), not INBOX")
+        return default
+    return prefix
+
+
+def _sharedMailboxes(c, t, default):
+    """C{[[imap.shared]]}: name, owner, mailbox (INBOX), users (accounts, "@domain" or "*"), read_only."""
+    from mailplat.imap.shared import SharedMailbox
+    from mailplat.interfaces.storage import InvalidMailboxName, validateMailboxName
+
+    if "shared" not in t:
+        return default
+    v = t["shared"]
+    if not isinstance(v, list):
+        c.error("imap.shared", "must be an array of tables ([[imap.shared]])")
+        return default
+    out, names = [], set()
+    for i, item in enumerate(v):
+        path = f"imap.shared[{i}]"
+        item = c.table(item, path, {"name", "owner", "mailbox", "users", "read_only"})
+        name = c.string(item, "name", path, None)
+        owner = c.string(item, "owner", path, None)
+        for key, value in (("name", name), ("owner", owner)):
+            if value is None and key not in item:
+                c.error(f"{path}.{key}", "is required")
+        mailbox = c.string(item, "mailbox", path, "INBOX")
+        try:
+            mailbox = validateMailboxName(mailbox)
+        except InvalidMailboxName as e:
+            c.error(f"{path}.mailbox", f"not a valid mailbox name ({e})")
+        if name is not None:
+            try:
+                valid = validateMailboxName(name) == name and "/" not in name
+            except InvalidMailboxName:
+                valid = False
+            if not valid:
+                c.error(f"{path}.name", "must be a valid mailbox name of one level (no \"/\")")
+            elif name in names:
+                c.error(f"{path}.name", f"{name!r} is already the name of another shared mailbox")
+            names.add(name)
+        if owner is not None:
+            from mailplat.directory import DirectoryError, normaliseAddress
+
+            try:
+                owner = normaliseAddress(owner)
+            except DirectoryError as e:
+                c.error(f"{path}.owner", f"must be an account (user@domain): {e}")
+                owner = None
+        users = item.get("users")
+        if not isinstance(users, list) or not users or not all(isinstance(u, str) and u for u in users):
+            c.error(f"{path}.users", 'is required: a list of accounts, "@domain" for a whole domain, or "*"')
+            users = []
+        readOnly = c.boolean(item, "read_only", path, False)
+        if name is not None and owner is not None:
+            out.append(SharedMailbox(name, owner, mailbox, tuple(users), readOnly))
+    return tuple(out)
+
+
 def parseConfig(text: str, source: str = "<string>") -> Config:
     """Parse and validate TOML text; raise L{ConfigError} listing every problem."""
     try:
@@ -367,17 +443,21 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     if 0 < smtp.max_text_line_length < 1000:
         c.error("smtp.max_text_line_length", "must be 0 (no limit) or at least 1000 (RFC 5321 4.5.3.1.6)")
 
-    def access(name, default):
-        t = c.table(top.get(name, {}), name, set(AccessConfig.__dataclass_fields__))
-        return AccessConfig(
+    def access(name, default, kind=AccessConfig, **extra):
+        t = c.table(top.get(name, {}), name, set(kind.__dataclass_fields__))
+        return kind(
             enabled=c.boolean(t, "enabled", name, default.enabled),
             listen=c.endpoints(t, "listen", name, default.listen),
             listen_tls=c.endpoints(t, "listen_tls", name, default.listen_tls),
             idle_timeout=c.positiveInt(t, "idle_timeout", name, default.idle_timeout),
             processes=c.positiveInt(t, "processes", name, default.processes),
+            **{k: f(t) for k, f in extra.items()},
         )
 
-    imap = access("imap", base.imap)
+    imapT = top.get("imap", {}) if isinstance(top.get("imap", {}), dict) else {}
+    prefix = _sharedPrefix(c, imapT, base.imap.shared_prefix)
+    imap = access("imap", base.imap, IMAPConfig, shared_prefix=lambda t: prefix,
+                  shared=lambda t: _sharedMailboxes(c, t, base.imap.shared))
     pop3 = access("pop3", base.pop3)
     for name, section in (("smtp", smtp), ("imap", imap), ("pop3", pop3)):
         c.workerListeners(name, section)

@@ -222,11 +222,13 @@ class Platform:
 
     def imapFactory(self):
         from mailplat.imap.server import IMAPFactory
+        from mailplat.imap.shared import SharedNamespace
 
         return IMAPFactory(
             hostname=self.config.hostname, portal=self.portal, store=self.store, sasl=self.sasl,
             tlsContextFactory=self.tlsContextFactory(), allowInsecureAuth=self.allowInsecureAuth,
             metrics=self.metrics, reactor=self.reactor, idleTimeout=self.config.imap.idle_timeout,
+            shared=SharedNamespace(self.config.imap.shared_prefix, self.config.imap.shared),
         )
 
     def pop3Factory(self):

@@ -13,7 +13,8 @@ SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB (CHILDREN, RFC 3348; special-use
 attributes, RFC 6154), STATUS, APPEND, CHECK, CLOSE, UNSELECT (RFC 3691),
 EXPUNGE, SEARCH, FETCH, STORE, COPY and their UID forms, UID EXPUNGE and the
 APPENDUID/COPYUID response codes (UIDPLUS, RFC 4315), LITERAL+ (RFC 7888).
-Extensions: IDLE (RFC 2177), NAMESPACE (RFC 2342, personal namespace only),
+Extensions: IDLE (RFC 2177), NAMESPACE (RFC 2342; the shared namespace of
+L{mailplat.imap.shared} when configured),
 ID (RFC 2971), ENABLE (RFC 5161), MOVE (RFC 6851), CONDSTORE and QRESYNC
 (RFC 7162: MODSEQ, CHANGEDSINCE, UNCHANGEDSINCE/MODIFIED, SEARCH MODSEQ,
 SELECT (QRESYNC ...), VANISHED), CREATE-SPECIAL-USE (RFC 6154),
@@ -92,6 +93,7 @@ from mailplat.imap import fetch as fetchmod
 from mailplat.imap import search as searchmod
 from mailplat.imap import thread as threadmod
 from mailplat.imap import wire
+from mailplat.imap.shared import NotInNamespace, SharedNamespace
 from mailplat.interfaces.auth import IMailAccount
 from mailplat.interfaces.storage import (
     SPECIAL_USES,
@@ -208,9 +210,10 @@ class _Known:
 class _Selected:
     """A selected mailbox as this session's client knows it."""
 
-    name: str
+    name: str  # the owner's name for it
     readOnly: bool
     uidvalidity: int = 0
+    owner: str = ""  # the account whose mailbox it is (another's, in the shared namespace)
     uids: list = field(default_factory=list)  # seq - 1 -> uid, ascending
     known: _Known = field(default_factory=_Known)  # uid -> (flags, modseq) last shown
     recent: set = field(default_factory=set)
@@ -272,6 +275,7 @@ class IMAPServerProtocol(Protocol):
         self._user = None
         self._avatarLogout = None
         self._removeListener = None
+        self._sharedListener = None
         self._selected: _Selected | None = None
         self._lineWaiter = None
         self._authFailures = 0
@@ -376,6 +380,9 @@ class IMAPServerProtocol(Protocol):
             self.factory.metrics.sessionClosed("imap")
 
     def _endLogin(self):
+        if self._sharedListener is not None:
+            remove, self._sharedListener = self._sharedListener, None
+            remove()
         if self._removeListener is not None:
             self._removeListener()
             self._removeListener = None
@@ -737,8 +744,30 @@ class IMAPServerProtocol(Protocol):
     # --- authenticated --------------------------------------------------
 
     async def cmd_NAMESPACE(self, cmd):
-        self._send(b'* NAMESPACE (("" "/")) NIL NIL\r\n')
+        self._send(b'* NAMESPACE (("" "/")) NIL ' + self.factory.shared.namespaceResponse() + b"\r\n")
         return ("OK", "NAMESPACE completed")
+
+    def _locate(self, name):
+        """Where a mailbox name leads: L{mailplat.imap.shared.Location} (the account and its name for it)."""
+        try:
+            return self.factory.shared.locate(self._user, name)
+        except NotInNamespace:
+            raise _Reply("NO", "[NONEXISTENT] No such mailbox")
+
+    def _refuseShared(self, *names):
+        """NO [NOPERM] for a name in the shared namespace: its mailboxes are managed by their owners."""
+        for name in names:
+            if self.factory.shared.isReserved(name.rstrip(DELIMITER)):
+                raise _Reply("NO", "[NOPERM] Mailboxes in the shared namespace are managed by their owners")
+
+    def _select(self, sel):
+        """Make C{sel} (or None) the selected mailbox, listening to its owner's events when it is another's."""
+        if self._sharedListener is not None:
+            remove, self._sharedListener = self._sharedListener, None
+            remove()
+        self._selected = sel
+        if sel is not None and sel.owner != self._user:
+            self._sharedListener = self.factory.store.addListener(sel.owner, self._onEvent)
 
     async def cmd_ENABLE(self, cmd):
         newly = []
@@ -805,7 +834,12 @@ class IMAPServerProtocol(Protocol):
 
     async def cmd_GETQUOTAROOT(self, cmd):
         store = self.factory.store
-        info = await store.getMailbox(self._user, cmd.args["mailbox"])
+        where = self._locate(cmd.args["mailbox"])
+        info = await store.getMailbox(where.owner, where.name)
+        if where.shared:
+            # Counted against its owner's quota, not one of this user's roots.
+            self._send(b"* QUOTAROOT " + self._mbox(cmd.args["mailbox"]) + b"\r\n")
+            return ("OK", "GETQUOTAROOT completed")
         if not IQuotaStore.providedBy(store):
             self._send(b"* QUOTAROOT " + self._mbox(info.name) + b"\r\n")
             return ("OK", "GETQUOTAROOT completed")
@@ -848,7 +882,7 @@ class IMAPServerProtocol(Protocol):
 
     async def cmd_SELECT(self, cmd, readOnly=False):
         hadSelected = self._selected is not None
-        self._selected = None
+        self._select(None)
         self._state = "auth"
         if hadSelected and (self._condstore or self._qresync):
             self._send(b"* OK [CLOSED] Previous mailbox closed\r\n")
@@ -858,27 +892,29 @@ class IMAPServerProtocol(Protocol):
             return ("BAD", "QRESYNC is not enabled")
         if "CONDSTORE" in cmd.args.get("params", ()):
             self._enableCondstore()
+        where = self._locate(cmd.args["mailbox"])
+        readOnly = readOnly or where.readOnly
         if IBatchReadStore.providedBy(store):
             # One read for the mailbox and its index, no per-message objects;
             # the writer is asked to claim \\Recent only when some is left.
-            data = await store.selectData(self._user, cmd.args["mailbox"])
+            data = await store.selectData(where.owner, where.name)
             info = data.info
             uids, flagSets, modseqs = data.uids, data.flags, data.modseqs
             recentUids = data.recent
         else:
-            info = await store.getMailbox(self._user, cmd.args["mailbox"])
-            metas = await store.fetchMeta(self._user, info.name)
+            info = await store.getMailbox(where.owner, where.name)
+            metas = await store.fetchMeta(where.owner, info.name)
             uids = [m.uid for m in metas]
             flagSets = [m.flags for m in metas]
             modseqs = [m.modseq for m in metas]
             recentUids = None
-        sel = _Selected(info.name, readOnly, info.uidvalidity)
+        sel = _Selected(info.name, readOnly, info.uidvalidity, owner=where.owner)
         sel.highest = info.highestModseq
-        self._selected = sel
+        self._select(sel)
         if readOnly:
             recentCount = info.recent
         elif recentUids is None or recentUids:
-            sel.recent = set(await store.claimRecent(self._user, info.name))
+            sel.recent = set(await store.claimRecent(where.owner, info.name))
         sel.uids = list(uids)
         sel.known = _Known(tuple(uids), tuple(flagSets), tuple(modseqs))
         if not readOnly:
@@ -926,7 +962,7 @@ class IMAPServerProtocol(Protocol):
         largest = sel.uids[-1] if sel.uids else 0
         known = q["known"]
         if IVanishedStore.providedBy(store):
-            vanished = await store.vanishedSince(self._user, sel.name, modseq)
+            vanished = await store.vanishedSince(sel.owner, sel.name, modseq)
             if known is not None:
                 vanished = [u for u in vanished if known.contains(u, max(largest, vanished[-1] if vanished else 0))]
         elif known is not None:
@@ -936,7 +972,7 @@ class IMAPServerProtocol(Protocol):
             vanished = []
         if vanished:
             self._send(b"* VANISHED (EARLIER) " + wire.formatSequenceSet(vanished).encode() + b"\r\n")
-        changed = await store.fetchMeta(self._user, sel.name, None, changedSince=modseq)
+        changed = await store.fetchMeta(sel.owner, sel.name, None, changedSince=modseq)
         out = []
         for m in changed:
             seq = sel.seqOf(m.uid)
@@ -969,6 +1005,7 @@ class IMAPServerProtocol(Protocol):
             return ("NO", "[CANNOT] Invalid mailbox name")
         if name.upper() == "INBOX":
             return ("NO", "[ALREADYEXISTS] INBOX always exists")
+        self._refuseShared(name)
         uses = cmd.args.get("use") or []
         canon = {u.lower(): u for u in SPECIAL_USES}
         if len(uses) > 1:
@@ -982,12 +1019,14 @@ class IMAPServerProtocol(Protocol):
         return ("OK", "CREATE completed")
 
     async def cmd_DELETE(self, cmd):
+        self._refuseShared(cmd.args["mailbox"])
         await self.factory.store.deleteMailbox(self._user, cmd.args["mailbox"])
         return ("OK", "DELETE completed")
 
     async def cmd_RENAME(self, cmd):
         store = self.factory.store
         new = cmd.args["new"].rstrip(DELIMITER)
+        self._refuseShared(cmd.args["old"], new)
         levels = new.split(DELIMITER)
         await store.getMailbox(self._user, cmd.args["old"])
         for i in range(1, len(levels)):
@@ -1017,7 +1056,9 @@ class IMAPServerProtocol(Protocol):
         select, returns = set(args["select"]), set(args["returns"])
         wantSubscribed = "SUBSCRIBED" in select or "SUBSCRIBED" in returns
         infos = await store.listMailboxes(self._user)
-        existing = {i.name: i for i in infos}
+        shared = self.factory.shared
+        existing = {i.name: i for i in infos if not shared.isReserved(i.name)}
+        owners = await self._sharedListing(existing)
         subs = set(await store.listSubscriptions(self._user)) if wantSubscribed else set()
         names = set(existing)
         for n in existing:
@@ -1062,9 +1103,33 @@ class IMAPServerProtocol(Protocol):
                 line += b' ("CHILDINFO" ("SUBSCRIBED"))'
             out.append(line + b"\r\n")
             if args["status"] and info is not None:
-                out.append(await self._statusLine(info, args["status"]))
+                owner = owners.get(n)
+                out.append(await self._statusLine(info, args["status"], owner, n if owner else None))
         self._send(b"".join(out))
         return ("OK", "LIST completed")
+
+    async def _sharedListing(self, existing) -> dict:
+        """
+        Add the shared mailboxes this user sees to C{existing} (name shown
+        -> L{MailboxInfo}); returns their owners by the name shown.
+        """
+        shared = self.factory.shared
+        owners = {}
+        byOwner = {}
+        for grant in shared.forUser(self._user):
+            if grant.owner not in byOwner:
+                try:
+                    byOwner[grant.owner] = await self.factory.store.listMailboxes(grant.owner)
+                except StoreError:
+                    _log.warn("shared mailbox {name}: its owner {owner} has no account", name=grant.name,
+                              owner=grant.owner)
+                    byOwner[grant.owner] = []
+            for info in byOwner[grant.owner]:
+                shown = shared.displayName(grant, info.name)
+                if shown is not None and shown not in owners:
+                    existing[shown] = dataclasses.replace(info, specialUse=None)
+                    owners[shown] = grant.owner
+        return owners
 
     async def cmd_LSUB(self, cmd):
         ref, pattern = cmd.args["reference"], cmd.args["pattern"]
@@ -1093,7 +1158,9 @@ class IMAPServerProtocol(Protocol):
         self._send(b"".join(out))
         return ("OK", "LSUB completed")
 
-    async def _statusLine(self, info, items) -> bytes:
+    async def _statusLine(self, info, items, owner=None, shown=None) -> bytes:
+        """The STATUS response for C{owner}'s mailbox C{info} (this user's by default), named C{shown} if given."""
+        owner = owner or self._user
         values = {
             "MESSAGES": info.messages,
             "RECENT": info.recent,
@@ -1107,19 +1174,21 @@ class IMAPServerProtocol(Protocol):
         if "HIGHESTMODSEQ" in items:
             self._enableCondstore()
         if "DELETED" in items or "DELETED-STORAGE" in items:
-            metas = await self.factory.store.fetchMeta(self._user, info.name)
+            metas = await self.factory.store.fetchMeta(owner, info.name)
             deleted = [m for m in metas if "\\Deleted" in m.flags]
             values["DELETED"] = len(deleted)
             values["DELETED-STORAGE"] = sum(m.size for m in deleted)
         sel = self._selected
-        if sel is not None and sel.name == info.name:
+        if sel is not None and sel.name == info.name and sel.owner == owner:
             values["RECENT"] = max(info.recent, len(sel.recent))
         text = " ".join(f"{item} {values[item]}" for item in items)
-        return b"* STATUS " + self._mbox(info.name) + b" (" + text.encode() + b")\r\n"
+        return b"* STATUS " + self._mbox(shown or info.name) + b" (" + text.encode() + b")\r\n"
 
     async def cmd_STATUS(self, cmd):
-        info = await self.factory.store.getMailbox(self._user, cmd.args["mailbox"])
-        self._send(await self._statusLine(info, cmd.args["items"]))
+        where = self._locate(cmd.args["mailbox"])
+        info = await self.factory.store.getMailbox(where.owner, where.name)
+        shown = cmd.args["mailbox"] if where.shared else None
+        self._send(await self._statusLine(info, cmd.args["items"], where.owner, shown))
         return ("OK", "STATUS completed")
 
     async def cmd_APPEND(self, cmd):
@@ -1130,14 +1199,15 @@ class IMAPServerProtocol(Protocol):
                 return ("NO", "[CANNOT] Empty message")
             if one["utf8"] and not self._utf8:
                 return ("BAD", "UTF8 data needs ENABLE UTF8=ACCEPT")
+        where = self._locate(cmd.args["mailbox"])
+        if where.readOnly:
+            return ("NO", "[NOPERM] The shared mailbox is read-only")
         done = []
         uidvalidity = None
         # All at once: the store commits them in order and in one group.
         results = await defer.DeferredList(
             [
-                store.append(
-                    self._user, cmd.args["mailbox"], one["message"], flags=one["flags"], internalDate=one["date"]
-                )
+                store.append(where.owner, where.name, one["message"], flags=one["flags"], internalDate=one["date"])
                 for one in messages
             ],
             consumeErrors=True,
@@ -1156,8 +1226,8 @@ class IMAPServerProtocol(Protocol):
             # MULTIAPPEND is all or nothing (RFC 3502): take back what went in.
             if done:
                 try:
-                    await store.storeFlags(self._user, cmd.args["mailbox"], done, "add", ["\\Deleted"])
-                    await store.expunge(self._user, cmd.args["mailbox"], done)
+                    await store.storeFlags(where.owner, where.name, done, "add", ["\\Deleted"])
+                    await store.expunge(where.owner, where.name, done)
                 except StoreError:
                     _log.failure("could not undo a partial MULTIAPPEND")
             raise
@@ -1170,17 +1240,17 @@ class IMAPServerProtocol(Protocol):
 
     async def cmd_CLOSE(self, cmd):
         sel = self._selected
-        self._selected = None
+        self._select(None)
         self._state = "auth"
         if not sel.readOnly and sel.uids and not sel.gone:
             try:
-                await self.factory.store.expunge(self._user, sel.name, list(sel.uids))
+                await self.factory.store.expunge(sel.owner, sel.name, list(sel.uids))
             except StoreError as e:
                 _log.info("expunge on CLOSE failed: {error}", error=str(e))
         return ("OK", "CLOSE completed")
 
     async def cmd_UNSELECT(self, cmd):
-        self._selected = None
+        self._select(None)
         self._state = "auth"
         return ("OK", "UNSELECT completed")
 
@@ -1193,11 +1263,11 @@ class IMAPServerProtocol(Protocol):
         else:
             uids = list(sel.uids)
         if uids:
-            gone = await self.factory.store.expunge(self._user, sel.name, uids)
+            gone = await self.factory.store.expunge(sel.owner, sel.name, uids)
             if sel is self._selected:
                 self._sendExpunges(gone)
         if self._condstore:
-            info = await self.factory.store.getMailbox(self._user, sel.name)
+            info = await self.factory.store.getMailbox(sel.owner, sel.name)
             return ("OK", f"[HIGHESTMODSEQ {info.highestModseq}] EXPUNGE completed")
         return ("OK", "EXPUNGE completed")
 
@@ -1254,7 +1324,7 @@ class IMAPServerProtocol(Protocol):
         if args.get("vanished"):
             largest = sel.uids[-1] if sel.uids else 0
             if IVanishedStore.providedBy(store):
-                gone = await store.vanishedSince(self._user, sel.name, changedSince)
+                gone = await store.vanishedSince(sel.owner, sel.name, changedSince)
                 top = max(largest, gone[-1] if gone else 0)
                 gone = [u for u in gone if args["set"].contains(u, top)]
                 if gone:
@@ -1265,11 +1335,11 @@ class IMAPServerProtocol(Protocol):
         if len(uids) == len(sel.uids):
             uids = None  # the whole mailbox: no need to send the list down
         if plan.envelopeOnly and IEnvelopeStore.providedBy(store):
-            metas = await store.fetchMeta(self._user, sel.name, uids, changedSince=changedSince, withEnvelope=True)
+            metas = await store.fetchMeta(sel.owner, sel.name, uids, changedSince=changedSince, withEnvelope=True)
             envelopes = True
         else:
             metas = await store.fetchMeta(
-                self._user, sel.name, uids, withStructure=plan.needsStructure, changedSince=changedSince
+                sel.owner, sel.name, uids, withStructure=plan.needsStructure, changedSince=changedSince
             )
             envelopes = False
         if sel is not self._selected:
@@ -1279,7 +1349,7 @@ class IMAPServerProtocol(Protocol):
         if plan.setsSeen:
             unseen = [m.uid for m in metas if "\\Seen" not in m.flags]
             if unseen:
-                changes, _ = await store.storeFlags(self._user, sel.name, unseen, "add", ["\\Seen"])
+                changes, _ = await store.storeFlags(sel.owner, sel.name, unseen, "add", ["\\Seen"])
                 for c in changes:
                     if c.uid in byUid:
                         byUid[c.uid] = dataclasses.replace(byUid[c.uid], flags=c.flags, modseq=c.modseq)
@@ -1313,7 +1383,7 @@ class IMAPServerProtocol(Protocol):
                     content = None
                 elif needsContent or stale:
                     try:
-                        content = await store.getContent(self._user, sel.name, uid)
+                        content = await store.getContent(sel.owner, sel.name, uid)
                     except KeyError:
                         missing = True
                         continue
@@ -1413,7 +1483,7 @@ class IMAPServerProtocol(Protocol):
         """Write one FETCH response whose (one) C{None} item is the message, read from its file."""
         store = self.factory.store
         try:
-            f = await store.openContent(self._user, sel.name, uid)
+            f = await store.openContent(sel.owner, sel.name, uid)
         except KeyError:
             return False
         try:
@@ -1471,7 +1541,7 @@ class IMAPServerProtocol(Protocol):
         if not targets:
             return ("OK", "STORE completed")
         changes, failed = await self.factory.store.storeFlags(
-            self._user, sel.name, [u for _, u in targets], cmd.args["mode"], cmd.args["flags"],
+            sel.owner, sel.name, [u for _, u in targets], cmd.args["mode"], cmd.args["flags"],
             unchangedSince=unchangedSince,
         )
         out = []
@@ -1502,12 +1572,17 @@ class IMAPServerProtocol(Protocol):
         if move and sel.readOnly:
             return ("NO", "[READ-ONLY] Mailbox is read-only")
         targets = self._resolve(sel, cmd.args["set"], cmd.uid)
-        await store.getMailbox(self._user, cmd.args["mailbox"])
+        where = self._locate(cmd.args["mailbox"])
+        if where.readOnly:
+            return ("NO", "[NOPERM] The shared mailbox is read-only")
+        await store.getMailbox(where.owner, where.name)
         if not targets:
             return ("OK", f"{cmd.name} completed")
-        uidvalidity, mapping = await store.copy(
-            self._user, sel.name, [u for _, u in targets], cmd.args["mailbox"], move=move
-        )
+        uids = [u for _, u in targets]
+        if where.owner == sel.owner:
+            uidvalidity, mapping = await store.copy(sel.owner, sel.name, uids, where.name, move=move)
+        else:
+            uidvalidity, mapping = await self._copyAcross(sel, uids, where, move)
         if not mapping:
             return ("OK", f"{cmd.name} completed")
         src = wire.formatSequenceSet([s for s, _ in mapping])
@@ -1521,6 +1596,40 @@ class IMAPServerProtocol(Protocol):
 
     async def cmd_MOVE(self, cmd):
         return await self.cmd_COPY(cmd, move=True)
+
+    async def _copyAcross(self, sel, uids, where, move):
+        """
+        COPY or MOVE between two accounts' mailboxes (one of them in the
+        shared namespace): each message is read and appended with its flags
+        and internal date, in ascending UID order.  All or nothing (RFC 3501
+        6.4.7): if one fails, those already copied are removed again.  A
+        MOVE then expunges the originals.
+        """
+        store = self.factory.store
+        metas = {m.uid: m for m in await store.fetchMeta(sel.owner, sel.name, uids)}
+        uidvalidity, mapping = None, []
+        try:
+            for uid in sorted(metas):
+                meta = metas[uid]
+                content = await store.getContent(sel.owner, sel.name, uid)
+                uidvalidity, new = await store.append(
+                    where.owner, where.name, content, flags=meta.flags - {"\\Recent"}, internalDate=meta.internalDate
+                )
+                mapping.append((uid, new))
+        except StoreError:
+            if mapping:
+                copied = [d for _, d in mapping]
+                try:
+                    await store.storeFlags(where.owner, where.name, copied, "add", ["\\Deleted"])
+                    await store.expunge(where.owner, where.name, copied)
+                except StoreError:
+                    _log.failure("could not undo a partial COPY")
+            raise
+        if move and mapping:
+            moved = [s for s, _ in mapping]
+            await store.storeFlags(sel.owner, sel.name, moved, "add", ["\\Deleted"])
+            await store.expunge(sel.owner, sel.name, moved)
+        return uidvalidity, mapping
 
     # --- SEARCH, SORT, THREAD -------------------------------------------
 
@@ -1537,16 +1646,16 @@ class IMAPServerProtocol(Protocol):
         if ISearchIndex.providedBy(store):
             metasFor = None
             if searchmod.needsDates(prepared):
-                metasFor = {m.uid: m for m in await store.fetchMeta(self._user, sel.name)}
+                metasFor = {m.uid: m for m in await store.fetchMeta(sel.owner, sel.name)}
             query = searchmod.toIndexQuery(
                 prepared, sel.uids, sel.recent, sel.saved, self._reactor.seconds(), metasFor, maxSeq, maxUid
             )
-            found = await store.search(self._user, sel.name, query)
+            found = await store.search(sel.owner, sel.name, query)
             present = set(sel.uids) if len(found) < len(sel.uids) else None
             return [u for u in found if (u in present if present is not None else sel.seqOf(u) is not None)]
         withStructure = searchmod.needsStructure(prepared)
         withContent = searchmod.needsContent(prepared)
-        metas = await store.fetchMeta(self._user, sel.name, list(sel.uids), withStructure=withStructure or withContent)
+        metas = await store.fetchMeta(sel.owner, sel.name, list(sel.uids), withStructure=withStructure or withContent)
         found = []
         now = self._reactor.seconds()
         for meta in metas:
@@ -1562,7 +1671,7 @@ class IMAPServerProtocol(Protocol):
             )
             if withContent or stale:
                 try:
-                    cand.content = await store.getContent(self._user, sel.name, meta.uid)
+                    cand.content = await store.getContent(sel.owner, sel.name, meta.uid)
                 except KeyError:
                     continue
                 cand.structure = fetchmod.ensureStructure(meta.structure, cand.content)
@@ -1590,7 +1699,7 @@ class IMAPServerProtocol(Protocol):
         highest = 0
         if usesModseq and found:
             highest = max(sel.known.get(u, (None, 0))[1] for u in found)
-            metas = await self.factory.store.fetchMeta(self._user, sel.name, found)
+            metas = await self.factory.store.fetchMeta(sel.owner, sel.name, found)
             highest = max([highest] + [m.modseq for m in metas])
         numbers = found if cmd.uid else [sel.seqOf(u) for u in found]
         if returns is None:
@@ -1633,14 +1742,14 @@ class IMAPServerProtocol(Protocol):
     async def _indexFor(self, sel, uids):
         store = self.factory.store
         if ISearchIndex.providedBy(store):
-            return await store.indexData(self._user, sel.name, uids)
+            return await store.indexData(sel.owner, sel.name, uids)
         from mailplat.mime.structure import indexFields
 
         out = {}
-        for m in await store.fetchMeta(self._user, sel.name, uids, withStructure=True):
+        for m in await store.fetchMeta(sel.owner, sel.name, uids, withStructure=True):
             structure = m.structure
             if not (isinstance(structure, dict) and structure.get("version") == fetchmod.STRUCTURE_VERSION):
-                structure = fetchmod.ensureStructure(None, await store.getContent(self._user, sel.name, m.uid))
+                structure = fetchmod.ensureStructure(None, await store.getContent(sel.owner, sel.name, m.uid))
             entry = indexFields(structure)
             entry["size"] = m.size
             entry["internalDate"] = m.internalDate
@@ -1702,7 +1811,7 @@ class IMAPServerProtocol(Protocol):
         sel = self._selected
         if sel is None:
             return
-        if event.mailbox != sel.name:
+        if event.mailbox != sel.name or event.user != sel.owner:
             return
         kind = event.kind
         if kind == "append":
@@ -1758,9 +1867,9 @@ class IMAPServerProtocol(Protocol):
         sel.resync = False
         store = self.factory.store
         since = sel.highest
-        info = await store.getMailbox(self._user, sel.name)
-        metas = await store.fetchMeta(self._user, sel.name, None, changedSince=since)
-        gone = await store.vanishedSince(self._user, sel.name, since) if IVanishedStore.providedBy(store) else []
+        info = await store.getMailbox(sel.owner, sel.name)
+        metas = await store.fetchMeta(sel.owner, sel.name, None, changedSince=since)
+        gone = await store.vanishedSince(sel.owner, sel.name, since) if IVanishedStore.providedBy(store) else []
         if sel is not self._selected:
             return
         top = sel.uids[-1] if sel.uids else 0
@@ -1776,7 +1885,7 @@ class IMAPServerProtocol(Protocol):
         if new:
             sel.pendingAppend.update(new)
             if not sel.readOnly:
-                sel.recentWon.update(self.factory.claimRecent(self._user, sel.name, new))
+                sel.recentWon.update(self.factory.claimRecent(sel.owner, sel.name, new))
         for u in gone:
             if u in sel.known:
                 sel.pendingExpunge.add(u)
@@ -1847,7 +1956,7 @@ class IMAPServerProtocol(Protocol):
                 if all(u in given for u in new):
                     metas = [given[u] for u in new]
                 else:
-                    metas = await store.fetchMeta(self._user, sel.name, new)
+                    metas = await store.fetchMeta(sel.owner, sel.name, new)
                     if sel is not self._selected:
                         return
                 added = []
@@ -1864,7 +1973,7 @@ class IMAPServerProtocol(Protocol):
                         # Clear the store's record too (for sessions of other
                         # processes and later SELECTs), without waiting: the
                         # claim was decided above, and \Recent is advisory.
-                        self.factory.claimRecentInStore(store, self._user, sel.name)
+                        self.factory.claimRecentInStore(store, sel.owner, sel.name)
                     self._send(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), len(sel.recent)))
         if sel.pendingFlags:
             uids = sorted(u for u in sel.pendingFlags if u in sel.known and u not in dead and u not in sel.pendingExpunge)
@@ -1875,7 +1984,7 @@ class IMAPServerProtocol(Protocol):
                 if all(u in given for u in uids):
                     changes = [given[u] for u in uids]
                 else:
-                    changes = await store.fetchMeta(self._user, sel.name, uids)
+                    changes = await store.fetchMeta(sel.owner, sel.name, uids)
                     if sel is not self._selected:
                         return
                 out = []
@@ -1932,6 +2041,8 @@ class IMAPFactory(ServerFactory):
     @param reactor: for timers; the global reactor by default.
     @param idleTimeout: seconds of silence before autologout.
     @param maxLiteralSize: the largest literal (APPEND message) accepted.
+    @param shared: a L{SharedNamespace}: other accounts' mailboxes shown
+        under its prefix (none by default).
     """
 
     protocol = IMAPServerProtocol
@@ -1949,6 +2060,7 @@ class IMAPFactory(ServerFactory):
         reactor=None,
         idleTimeout=1800,
         maxLiteralSize=50 * 1024 * 1024,
+        shared=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -1962,6 +2074,7 @@ class IMAPFactory(ServerFactory):
         self.reactor = reactor
         self.idleTimeout = idleTimeout
         self.maxLiteralSize = maxLiteralSize
+        self.shared = shared if shared is not None else SharedNamespace()
         self._flagCache: dict = {}
         self._recentClaims: collections.OrderedDict = collections.OrderedDict()
         self._storeClaims: dict = {}
