@@ -230,6 +230,19 @@ class AppendExtensionTests(Base):
         assert b'"Caf\xc3\xa9"' in out
         assert tagged(c.ok(b"a2 APPEND INBOX UTF8 (~{3+}\r\nabc)"), b"a2").startswith(b"OK [APPENDUID")
 
+    def test_utf8_accept_wants_utf8_sort_and_thread(self):
+        # RFC 6855 3 (erratum 4029): once enabled, another charset conflicts.
+        self.append(b"Subject: x\r\n\r\nx\r\n")
+        c = self.loggedIn(select=b"INBOX")
+        c.ok(b"s SORT (SUBJECT) US-ASCII ALL")
+        c.ok(b"t THREAD ORDEREDSUBJECT US-ASCII ALL")
+        c.ok(b"e ENABLE UTF8=ACCEPT")
+        assert c.send(b"s2 SORT (SUBJECT) US-ASCII ALL\r\n").startswith(b"s2 BAD")
+        assert c.send(b"t2 THREAD ORDEREDSUBJECT US-ASCII ALL\r\n").startswith(b"t2 BAD")
+        assert c.send(b"x SEARCH CHARSET US-ASCII ALL\r\n").startswith(b"x BAD")
+        assert c.ok(b"s3 SORT (SUBJECT) UTF-8 ALL").startswith(b"* SORT 1\r\n")
+        assert c.ok(b"t3 THREAD ORDEREDSUBJECT UTF-8 ALL").startswith(b"* THREAD (1)\r\n")
+
 
 class BinaryTests(Base):
     def test_binary_fetch(self):

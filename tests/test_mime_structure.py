@@ -317,3 +317,47 @@ def test_search_text_of_8bit_bodies_labelled_ascii_and_folded_headers():
     for kind, needle in (("text", "that is folded"), ("body", "naïve"), ("text", "naïve")):
         key = prepare((kind, needle.encode()), "UTF-8")
         assert matches(key, msg, 1, 1), (kind, needle)
+
+
+def test_encoded_message_rfc822_keeps_the_grammar():
+    # RFC 3501 7.4.2: a MESSAGE/RFC822 part has an envelope, a body and lines,
+    # even when (against RFC 2046 5.2.1) it is base64: empty ones stand in.
+    raw = (b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: message/rfc822\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\nU3ViamVjdDogaGkNCg0KYm9keQ0K\r\n--B--\r\n")
+    part = analyze(raw)["body"]["parts"][0]
+    assert fetch.formatBodyStructure(part, False) == (
+        b'("MESSAGE" "RFC822" NIL NIL NIL "BASE64" 28 (NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL) '
+        b'("TEXT" "PLAIN" ("charset" "us-ascii") NIL NIL "7BIT" 0 0) 1)')
+    assert fetch.sectionBytes(raw, analyze(raw), Section(part=(1,), text="HEADER")) == b""
+
+
+def test_message_global_is_a_basic_body_in_imap4rev1():
+    inner = "Subject: caf\u00e9\r\n\r\nbody\r\n".encode("utf-8")
+    raw = (b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: message/global\r\n\r\n"
+           + inner + b"--B--\r\n")
+    s = analyze(raw)
+    assert fetch.formatBodyStructure(s["body"]["parts"][0], False) == b'("MESSAGE" "GLOBAL" NIL NIL NIL "7BIT" %d)' % (len(inner) - 2)
+    # Its sections are still served from the message inside.
+    assert fetch.sectionBytes(raw, s, Section(part=(1,), text="HEADER")) == "Subject: caf\u00e9\r\n\r\n".encode("utf-8")
+
+
+def test_a_first_line_that_is_not_a_field():
+    # An mbox "From " line or a stray folded line before the fields: the
+    # header still runs to the first empty line (RFC 5322 2.1).
+    for junk in (b"From sender@example.net Mon Jan  1 10:00:00 2024\r\n", b" folded\r\n"):
+        raw = junk + b"From: Real <real@example.org>\r\nSubject: kept\r\n\r\nthe body\r\n"
+        s = analyze(raw)
+        assert s["envelope"]["subject"] == "kept" and s["envelope"]["from"] == [["Real", None, "real", "example.org"]]
+        assert fetch.sectionBytes(raw, s, Section(text="TEXT")) == b"the body\r\n"
+        assert fetch.sectionBytes(raw, s, Section(text="HEADER")) == raw[:-len(b"the body\r\n")]
+
+
+def test_header_fields_blank_line():
+    # RFC 3501 6.4.5: the empty line ends every header fetch but that of a
+    # message with no body and no empty line.
+    with_blank = b"Subject: a\r\nX: y\r\n\r\nbody"
+    without = b"Subject: a\r\nX: y\r\n"
+    for raw, expected in ((with_blank, b"Subject: a\r\n\r\n"), (without, b"Subject: a\r\n")):
+        s = analyze(raw)
+        assert fetch.sectionBytes(raw, s, Section(text="HEADER.FIELDS", fields=("SUBJECT",))) == expected
+        assert fetch.sectionBytes(raw, s, Section(text="HEADER.FIELDS.NOT", fields=("X",))) == expected

@@ -151,7 +151,9 @@ def formatBodyStructure(part: dict, extensible: bool = True) -> bytes:
         wire.string(part["encoding"]),
         b"%d" % part["size"],
     ]
-    if "body" in part and "envelope" in part:
+    if "body" in part and "envelope" in part and part["subtype"] != "global":
+        # (message/global is a basic body in IMAP4rev1's grammar, RFC 3501 9;
+        # only IMAP4rev2's has its envelope and body.)
         items += [
             formatEnvelope(part["envelope"]),
             formatBodyStructure(part["body"], extensible),
@@ -202,7 +204,11 @@ def filterHeader(raw: bytes, start: int, end: int, fields, exclude: bool) -> byt
         if name is not None and ((name in wanted) != exclude)
     ]
     out = b"".join(d if d.endswith(b"\n") else d + b"\r\n" for d in kept)
-    return out + b"\r\n"
+    # The empty line ends every header fetch, except that of a message
+    # with no body and no empty line (RFC 3501 6.4.5).
+    region = raw[max(start, end - 3):end]
+    blank = region.endswith(b"\n\n") or region.endswith(b"\n\r\n") or raw[start:end] in (b"\n", b"\r\n")
+    return out + b"\r\n" if blank else out
 
 
 def _messageNode(node: dict):

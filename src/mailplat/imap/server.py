@@ -1685,6 +1685,8 @@ class IMAPServerProtocol(Protocol):
         sel = self._selected
         args = cmd.args
         if self._utf8 and args["charset"] not in (None, "UTF-8"):
+            # RFC 6855 3 (erratum 4029) would refuse any CHARSET here; UTF-8
+            # does not conflict and some clients always send it.
             return ("BAD", "Only UTF-8 searches once UTF8=ACCEPT is enabled")
         returns = args.get("return")
         try:
@@ -1761,6 +1763,8 @@ class IMAPServerProtocol(Protocol):
         args = cmd.args
         if args.get("return") is not None:
             return ("BAD", "SORT RETURN is not supported")
+        if self._utf8 and args["charset"] != "UTF-8":
+            return ("BAD", "Only UTF-8 once UTF8=ACCEPT is enabled")  # RFC 6855 3, erratum 4029
         found = await self._searchUids(sel, args["key"], args["charset"])
         index = await self._indexFor(sel, found)
         found = [u for u in found if u in index]
@@ -1795,6 +1799,8 @@ class IMAPServerProtocol(Protocol):
     async def cmd_THREAD(self, cmd):
         sel = self._selected
         args = cmd.args
+        if self._utf8 and args["charset"] != "UTF-8":
+            return ("BAD", "Only UTF-8 once UTF8=ACCEPT is enabled")  # RFC 6855 3, erratum 4029
         found = await self._searchUids(sel, args["key"], args["charset"])
         index = await self._indexFor(sel, found)
         messages = [((u if cmd.uid else sel.seqOf(u)), index[u]) for u in found if u in index]

@@ -93,11 +93,18 @@ def countLines(raw: bytes, start: int, end: int) -> int:
 # header fields
 
 
-def splitHeader(raw: bytes, start: int, end: int):
+def splitHeader(raw: bytes, start: int, end: int, top: bool = False):
     """
     Scan the header of the entity at C{raw[start:end]}.  Returns
     C{(fields, bodyStart)} where C{fields} is a list of C{(name, value)} with
     C{name} as written (str) and C{value} unfolded (bytes, not stripped).
+
+    A body part that does not start with a header field has no header (RFC
+    2046 5.1.1 wants an empty line there), nor does a message with no field
+    before its first empty line.  A message (C{top}) whose first line is not
+    a field (an mbox C{From } line, a stray folded line) but which has fields
+    after it has its header up to the first empty line (RFC 5322 2.1): the
+    lines that are not fields are skipped, as anywhere else in a header.
     """
     if start >= end:
         return [], start
@@ -106,7 +113,7 @@ def splitHeader(raw: bytes, start: int, end: int):
         return [], start + 1
     if first == 0x0D and start + 1 < end and raw[start + 1] == 0x0A:
         return [], start + 2
-    if not _FIELD_START.match(raw, start, end):
+    if not _FIELD_START.match(raw, start, end) and not (top and _fieldBeforeBlank(raw, start, end)):
         return [], start
     fields = []  # (name, [value chunks])
     pos = start
@@ -123,12 +130,25 @@ def splitHeader(raw: bytes, start: int, end: int):
         if content[0] in (0x20, 0x09):
             if fields:
                 fields[-1][1].append(content)
-        else:
+        elif _FIELD_START.match(content):
             colon = content.find(b":")
-            if colon > 0:
-                fields.append((text(content[:colon].rstrip(b" \t")), [content[colon + 1 :]]))
+            fields.append((text(content[:colon].rstrip(b" \t")), [content[colon + 1 :]]))
         pos = lineEnd
     return [(name, b"".join(chunks)) for name, chunks in fields], bodyStart
+
+
+def _fieldBeforeBlank(raw: bytes, start: int, end: int, limit: int = 65536) -> bool:
+    """Whether a line of C{raw[start:end]} before the first empty one (within C{limit} octets) starts a field."""
+    pos, stop = start, min(end, start + limit)
+    while pos < stop:
+        nl = raw.find(b"\n", pos, stop)
+        lineEnd = stop if nl < 0 else nl + 1
+        if raw[pos:lineEnd] in (b"\n", b"\r\n"):
+            return False
+        if _FIELD_START.match(raw, pos, lineEnd):
+            return True
+        pos = lineEnd
+    return False
 
 
 def _fieldDict(fields):
@@ -370,9 +390,9 @@ class _Analyzer:
         self.raw = raw
         self.parts = 0
 
-    def entity(self, start, end, depth, defaultType=("text", "plain")):
-        """Analyse the entity (header + body) at C{raw[start:end]}; returns (part, fields)."""
-        fields, bodyStart = splitHeader(self.raw, start, end)
+    def entity(self, start, end, depth, defaultType=("text", "plain"), message=False):
+        """Analyse the entity (header + body) at C{raw[start:end]}, a whole C{message} or a body part; returns (part, fields)."""
+        fields, bodyStart = splitHeader(self.raw, start, end, top=message)
         return self.part(fields, start, bodyStart, end, depth, defaultType), fields
 
     def part(self, fields, headerStart, bodyStart, end, depth, defaultType):
@@ -440,10 +460,22 @@ class _Analyzer:
             if tooDeep:
                 part.update(type="application", subtype="octet-stream")
             else:
-                body, nestedFields = self.entity(bodyStart, end, depth + 1)
+                body, nestedFields = self.entity(bodyStart, end, depth + 1, message=True)
                 part["envelope"] = envelope(nestedFields)
                 part["body"] = body
                 part["lines"] = countLines(raw, bodyStart, end)
+        elif mtype == "message" and subtype == "rfc822":
+            # Encoded (base64, quoted-printable): RFC 2046 5.2.1 forbids it
+            # and the message inside is not parsed, but IMAP's grammar still
+            # wants an envelope, a body and a line count (RFC 3501 7.4.2):
+            # an empty envelope and an empty text/plain body stand in.
+            part["envelope"] = envelope([])
+            part["body"] = {
+                "type": "text", "subtype": "plain", "params": [["charset", "us-ascii"]], "id": None,
+                "description": None, "encoding": "7BIT", "size": 0, "md5": None, "disposition": None,
+                "language": None, "location": None, "offsets": [end, end, end], "lines": 0,
+            }
+            part["lines"] = countLines(raw, bodyStart, end)
         elif mtype == "text":
             part["lines"] = countLines(raw, bodyStart, end)
         return part
@@ -515,7 +547,7 @@ def analyze(raw: bytes) -> dict:
     """Analyse a whole message (see the module docstring for the result)."""
     raw = bytes(raw)
     a = _Analyzer(raw)
-    body, fields = a.entity(0, len(raw), 0)
+    body, fields = a.entity(0, len(raw), 0, message=True)
     return {
         "version": STRUCTURE_VERSION,
         "size": len(raw),
