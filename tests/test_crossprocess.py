@@ -186,3 +186,81 @@ class TwoStores(unittest.TestCase):
         yield self.until(lambda: firstT.value().startswith(b"+OK"), "QUIT")
         third, thirdT = pop3(self.reader)
         self.assertTrue((yield login(third, thirdT)).startswith(b"+OK"))
+
+
+class TwoStoresMailboxes(TwoStores):
+    """Mailboxes created, renamed and deleted by the other process."""
+
+    @defer.inlineCallbacks
+    def test_uidvalidityIsNeverGivenTwice(self):
+        # RFC 3501 2.3.1.1: a name deleted and created again, in the same
+        # second, by two processes gets a new UIDVALIDITY.
+        from mailplat.store import sqlite as module
+
+        now = int(module.time.time()) + 3600  # ahead of both stores' last values, and the same for both
+        self.patch(module.time, "time", lambda: now)
+        first = yield self.reader.createMailbox(USER, "Box")
+        yield self.reader.deleteMailbox(USER, "Box")
+        second = yield self.writer.createMailbox(USER, "Box")
+        yield self.writer.deleteMailbox(USER, "Box")
+        third = yield self.reader.createMailbox(USER, "Box")
+        self.assertEqual(len({first.uidvalidity, second.uidvalidity, third.uidvalidity}), 3)
+
+    @defer.inlineCallbacks
+    def test_renameAndDeleteElsewhereAreReported(self):
+        yield self.writer.createMailbox(USER, "Old")
+        yield self.writer.createMailbox(USER, "Old/Child")
+        yield self.writer.createMailbox(USER, "Gone")
+        old = yield self.writer.getMailbox(USER, "Old")
+        child = yield self.writer.getMailbox(USER, "Old/Child")
+        gone = yield self.writer.getMailbox(USER, "Gone")
+        events = []
+        self.reader.addListener(USER, events.append)
+        yield self.until(lambda: events, "the first look")
+        del events[:]
+        yield self.writer.renameMailbox(USER, "Old", "New")
+        yield self.writer.deleteMailbox(USER, "Gone")
+        yield self.writer.createMailbox(USER, "Gone")
+        yield self.until(lambda: any(e.kind == "delete" for e in events), "the delete reported")
+        told = {(e.kind, e.mailbox, e.newName, e.uidvalidity) for e in events if e.kind in ("rename", "delete")}
+        self.assertEqual(told, {("rename", "Old", "New", old.uidvalidity),
+                                ("rename", "Old/Child", "New/Child", child.uidvalidity),
+                                ("delete", "Gone", None, gone.uidvalidity)})
+
+    @defer.inlineCallbacks
+    def test_sessionIsToldItsMailboxWentElsewhere(self):
+        yield self.writer.createMailbox(USER, "Work")
+        yield self.writer.append(USER, "Work", message(9))
+        proto, transport = self.session()
+
+        @defer.inlineCallbacks
+        def command(line, tag):
+            transport.clear()
+            proto.dataReceived(line)
+            yield self.until(lambda: re.search(tag + rb" (OK|NO|BAD)", transport.value()), line)
+            return transport.value()
+
+        yield command(b"a LOGIN alice@example.org pw\r\n", b"a")
+        yield command(b"b SELECT Work\r\n", b"b")
+        yield deferLater(reactor, 0.2, lambda: None)  # the store's first look at this account
+        # Deleted and made again elsewhere: the session must not act on the new one.
+        yield self.writer.deleteMailbox(USER, "Work")
+        yield self.writer.createMailbox(USER, "Work")
+        yield self.writer.append(USER, "Work", message(10))
+        transport.clear()
+        proto.dataReceived(b"c IDLE\r\n")
+        yield self.until(lambda: b"* BYE" in transport.value(), "the session told its mailbox was deleted")
+        self.assertTrue(transport.disconnecting)
+        # Renamed elsewhere: a session follows its mailbox to the new name.
+        yield self.writer.append(USER, "Work", message(11))
+        proto, transport = self.session()
+        yield command(b"a LOGIN alice@example.org pw\r\n", b"a")
+        yield command(b"b SELECT Work\r\n", b"b")
+        yield deferLater(reactor, 0.2, lambda: None)
+        yield self.writer.renameMailbox(USER, "Work", "Archive/Work")
+        yield self.writer.createMailbox(USER, "Work")
+        yield self.writer.append(USER, "Work", message(12))
+        yield deferLater(reactor, 0.3, lambda: None)
+        out = yield command(b"d UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n", b"d")
+        self.assertIn(b"Subject: message 10", out)
+        self.assertNotIn(b"message 12", out)

@@ -982,3 +982,58 @@ def test_storeRecentClaimsAreCoalesced():
     factory.stopFactory()
     clock.advance(STORE_CLAIM_DELAY)
     assert len(store.calls) == 2 and not clock.getDelayedCalls()
+
+
+class MailboxTreeAndRecentTests(Base):
+    def test_rename_under_itself_is_refused(self):
+        c = self.loggedIn()
+        c.ok(b"c CREATE Proj/Old")
+        out = c.send(b"r RENAME Proj/Old Proj/Old/Archive/2024\r\n")
+        assert out.startswith(b"r NO [CANNOT]"), out
+        assert [i.name for i in self.successResultOf(self.store.listMailboxes("alice")) if i.name.startswith("Proj")] \
+            == ["Proj", "Proj/Old"]
+        c.ok(b"r2 RENAME INBOX INBOX/Saved")  # INBOX's messages move; INBOX stays
+
+    def test_refused_rename_creates_nothing(self):
+        self.successResultOf(self.store.createMailbox("alice", "other2"))
+        self.successResultOf(self.store.createMailbox("alice", "top2/kid"))  # top2: a placeholder
+        c = self.loggedIn()
+        out = c.send(b"r RENAME other2 top2/kid\r\n")
+        assert out.startswith(b"r NO [ALREADYEXISTS]"), out
+        names = {i.name for i in self.successResultOf(self.store.listMailboxes("alice"))}
+        assert "top2" not in names and "other2" in names
+        c.ok(b"r2 RENAME other2 deeper/still/kid")
+        names = {i.name for i in self.successResultOf(self.store.listMailboxes("alice"))}
+        assert {"deeper", "deeper/still", "deeper/still/kid"} <= names and "other2" not in names
+
+    def test_has_children_through_a_placeholder(self):
+        # RFC 3348: a mailbox whose only child is a \Noselect placeholder still has children.
+        self.successResultOf(self.store.createMailbox("alice", "a"))
+        self.successResultOf(self.store.createMailbox("alice", "a/b/c"))
+        out = self.loggedIn().ok(b'l LIST "" "*"')
+        assert b'* LIST (\\HasChildren) "/" "a"\r\n' in out
+        assert b'* LIST (\\Noselect \\HasChildren) "/" "a/b"\r\n' in out
+
+    def test_examine_shows_recent_messages_it_counts(self):
+        for i in range(2):
+            self.append(plain(b"new %d" % i))
+        c = self.loggedIn()
+        out = c.ok(b"e EXAMINE INBOX")
+        assert b"* 2 RECENT\r\n" in out
+        out = c.ok(b"f FETCH 1:* FLAGS")
+        assert out.count(b"\\Recent") == 2, out
+        assert c.ok(b"s SEARCH RECENT").startswith(b"* SEARCH 1 2\r\n")
+        # EXAMINE claimed nothing: SELECT still gets them.
+        assert b"* 2 RECENT\r\n" in c.ok(b"s2 SELECT INBOX")
+
+    def test_one_session_of_a_process_gets_recent(self):
+        a = self.loggedIn(select=b"INBOX")
+        self.append(plain(b"arrives"))
+        assert a.ok(b"n NOOP").startswith(b"* 1 EXISTS\r\n* 1 RECENT\r\n")
+        # A second session selecting before the first one's claim reached the store.
+        b = self.loggedIn()
+        assert b"* 0 RECENT\r\n" in b.ok(b"s SELECT INBOX")
+        assert b"\\Recent" not in b.ok(b"f FETCH 1 FLAGS")
+        e = self.loggedIn()
+        assert b"* 0 RECENT\r\n" in e.ok(b"e EXAMINE INBOX")
+        assert b"\\Recent" not in e.ok(b"f FETCH 1 FLAGS")

@@ -911,13 +911,22 @@ class IMAPServerProtocol(Protocol):
         sel = _Selected(info.name, readOnly, info.uidvalidity, owner=where.owner)
         sel.highest = info.highestModseq
         self._select(sel)
+        claimed = self.factory.claimedRecent
         if readOnly:
-            recentCount = info.recent
+            # Shown, not claimed (RFC 3501 6.3.2); those another session here claimed are not.
+            if recentUids is None:
+                recentCount = info.recent
+            else:
+                sel.recent = {u for u in recentUids if not claimed(where.owner, info.name, u)}
         elif recentUids is None or recentUids:
-            sel.recent = set(await store.claimRecent(where.owner, info.name))
+            # Less those a session of this process was told of first (its
+            # claim reaches the store a little later: STORE_CLAIM_DELAY).
+            sel.recent = {
+                u for u in await store.claimRecent(where.owner, info.name) if not claimed(where.owner, info.name, u)
+            }
         sel.uids = list(uids)
         sel.known = _Known(tuple(uids), tuple(flagSets), tuple(modseqs))
-        if not readOnly:
+        if not readOnly or recentUids is not None:
             if sel.recent:
                 sel.recent &= set(uids)
             recentCount = len(sel.recent)
@@ -1028,14 +1037,19 @@ class IMAPServerProtocol(Protocol):
         new = cmd.args["new"].rstrip(DELIMITER)
         self._refuseShared(cmd.args["old"], new)
         levels = new.split(DELIMITER)
-        await store.getMailbox(self._user, cmd.args["old"])
+        info = await store.getMailbox(self._user, cmd.args["old"])
+        if info.name != "INBOX" and (new == info.name or new.startswith(info.name + DELIMITER)):
+            # Its inferiors would be renamed under themselves.
+            return ("NO", "[CANNOT] A mailbox cannot be renamed under itself")
+        # Renamed first: a refused RENAME creates nothing; then the new
+        # name's missing superiors (RFC 3501 6.3.5).
+        await store.renameMailbox(self._user, cmd.args["old"], new)
         for i in range(1, len(levels)):
             parent = DELIMITER.join(levels[:i])
             try:
                 await store.createMailbox(self._user, parent)
             except MailboxExists:
                 pass
-        await store.renameMailbox(self._user, cmd.args["old"], new)
         return ("OK", "RENAME completed")
 
     async def cmd_SUBSCRIBE(self, cmd):
@@ -1068,10 +1082,11 @@ class IMAPServerProtocol(Protocol):
         if "SUBSCRIBED" in select:
             names |= subs
         matchers = [listMatcher(ref + p) for p in patterns if p]
-        parents = set()
+        parents = set()  # every name with an inferior (listed by "%" as a mailbox or a placeholder)
         for n in existing:
-            if DELIMITER in n:
-                parents.add(n.rsplit(DELIMITER, 1)[0])
+            levels = n.split(DELIMITER)
+            for i in range(1, len(levels)):
+                parents.add(DELIMITER.join(levels[:i]))
         out = []
         statusOf = []
         for n in sorted(names):
@@ -1839,6 +1854,8 @@ class IMAPServerProtocol(Protocol):
         elif kind == "expunge":
             sel.pendingExpunge.update(event.uids)
             self._sawModseqs(sel, [event.modseq] if event.modseq else [])
+        elif kind in ("delete", "rename") and event.uidvalidity and event.uidvalidity != sel.uidvalidity:
+            return  # another mailbox that had the name
         elif kind == "delete":
             sel.gone = True
         elif kind == "rename" and event.newName:
@@ -2102,6 +2119,10 @@ class IMAPFactory(ServerFactory):
         while len(claims) > MAX_RECENT_CLAIMS:
             claims.popitem(last=False)
         return won
+
+    def claimedRecent(self, user, mailbox, uid) -> bool:
+        """Whether a session of this factory has claimed C{uid} as C{\\Recent}."""
+        return (user, mailbox, uid) in self._recentClaims
 
     def claimRecentInStore(self, store, user, mailbox):
         """

@@ -338,6 +338,10 @@ class MailboxEvent:
     the L{FlagChange}s of a C{"flags"} event; C{newName}, the new name of a
     renamed mailbox.  Listeners MUST cope with them being empty.
 
+    C{uidvalidity}, when not 0, is the UIDVALIDITY of the mailbox a
+    C{"delete"} or C{"rename"} is about (a store reporting another process's
+    change says which mailbox of that name it was).
+
     C{kind} C{"changed"} says only that the mailbox now has HIGHESTMODSEQ
     C{modseq}: a store whose files another process also writes sends it
     when it notices that process's changes (it cannot say which they
@@ -354,6 +358,7 @@ class MailboxEvent:
     changes: tuple = field(default=(), compare=False)
     newName: Optional[str] = None
     modseq: int = 0
+    uidvalidity: int = 0
 
 
 @dataclass(frozen=True)

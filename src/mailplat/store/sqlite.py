@@ -203,13 +203,33 @@ def _indexRow(content: bytes, structure: dict):
     return tuple(fields[k] for k in _INDEX_KEYS), bodyText(content, structure)
 
 
-def _insertIndex(db, mid, uid, row, body):
+def _uniqueUidvalidity(db, proposed: int) -> int:
+    """
+    A UIDVALIDITY never given before in this store (RFC 3501 2.3.1.1): the
+    time-based C{proposed} value, or one more than the last one given.  In
+    the write transaction, so processes sharing the store never give the
+    same value twice (a mailbox deleted and created again in the same
+    second by two processes would otherwise get its old UIDVALIDITY back).
+    """
+    row = db.execute("SELECT value FROM meta WHERE key='uidvalidity'").fetchone()
+    if row is not None:
+        last = int(row[0])
+    else:
+        last = db.execute("SELECT COALESCE(MAX(uidvalidity), 0) FROM mailboxes").fetchone()[0]
+    v = proposed if proposed > last else last + 1
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('uidvalidity', ?)", (str(v),))
+    return v
+
+
+def _insertIndex(db, mid, uid, row, body, fresh=False):
+    """The index rows of one message; C{fresh}: its UID was never used in the mailbox (no old text row)."""
     db.execute(
         f"INSERT OR REPLACE INTO msgindex (mailbox, uid, {', '.join(_INDEX_COLUMNS)})"
         f" VALUES (?, ?, {', '.join('?' * len(_INDEX_COLUMNS))})",
         (mid, uid, *row),
     )
-    db.execute("DELETE FROM msgtext WHERE mailbox=? AND uid=?", (mid, uid))
+    if not fresh:
+        db.execute("DELETE FROM msgtext WHERE mailbox=? AND uid=?", (mid, uid))
     db.execute("INSERT INTO msgtext (mailbox, uid, body) VALUES (?, ?, ?)", (mid, uid, body))
 
 
@@ -538,6 +558,7 @@ class SQLiteStore:
         self._dataVersion = None
         self._polledUsers: frozenset = frozenset()
         self._mailboxStates: dict = {}  # (user, mailbox) -> (uidnext, highestmodseq) last reported
+        self._mailboxIds: dict = {}  # (user, mailbox id) -> (name, uidvalidity) at the last look
         self._selectCache: dict = {}  # mailbox id -> ((uidvalidity, uidnext, highestmodseq), data)
         self._uidvalidityLock = threading.Lock()
         #: The writer's stage the last append of this turn of the reactor was
@@ -619,6 +640,7 @@ class SQLiteStore:
         users = self._listeners.users()
         if not users:
             self._mailboxStates.clear()
+            self._mailboxIds.clear()
             self._polledUsers = frozenset()
             self._schedulePoll()
             return None
@@ -647,23 +669,44 @@ class SQLiteStore:
             for i in range(0, len(users), 500):
                 chunk = users[i:i + 500]
                 rows += db.execute(
-                    f"SELECT user, name, uidnext, highestmodseq FROM mailboxes WHERE user IN ({','.join('?' * len(chunk))})",
+                    "SELECT user, name, uidnext, highestmodseq, id, uidvalidity FROM mailboxes"
+                    f" WHERE user IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ).fetchall()
         finally:
             db.execute("COMMIT")
-        return rows
+        return wanted, rows
 
-    def _reportChanges(self, rows):
-        """A C{"changed"} event for every mailbox whose UIDNEXT or HIGHESTMODSEQ moved since the last look."""
-        if rows is None:
+    def _reportChanges(self, polled):
+        """
+        Since the last look: a C{"delete"} or C{"rename"} event for every
+        mailbox (by its id and UIDVALIDITY) that is gone or has another name, then a
+        C{"changed"} event for every mailbox whose UIDNEXT or HIGHESTMODSEQ
+        moved.  (This process's own changes were told already; a session
+        tells a repeat by the name or the UIDVALIDITY.)
+        """
+        if polled is None:
             return
+        users, rows = polled
         before, now = self._mailboxStates, {}
-        for user, name, uidnext, highest in rows:
+        beforeIds, ids = self._mailboxIds, {}
+        for user, name, uidnext, highest, mid, uidvalidity in rows:
+            ids[(user, mid)] = (name, uidvalidity)
+        for (user, mid), (name, uidvalidity) in beforeIds.items():
+            if user not in users:
+                continue
+            current = ids.get((user, mid))
+            # (An id can be given again to a new mailbox: its UIDVALIDITY tells.)
+            if current is None or current[1] != uidvalidity:
+                self._listeners.emit(MailboxEvent(user, name, "delete", uidvalidity=uidvalidity))
+            elif current[0] != name:
+                self._listeners.emit(MailboxEvent(user, name, "rename", newName=current[0], uidvalidity=uidvalidity))
+        for user, name, uidnext, highest, mid, uidvalidity in rows:
             now[(user, name)] = (uidnext, highest)
             if before.get((user, name)) != (uidnext, highest):
                 self._listeners.emit(MailboxEvent(user, name, "changed", modseq=highest))
         self._mailboxStates = now
+        self._mailboxIds = ids
 
     def _readDb(self) -> sqlite3.Connection:
         return self._db.connection()
@@ -737,7 +780,8 @@ class SQLiteStore:
             db.execute("INSERT INTO accounts VALUES (?)", (user,))
             for (name, use), v in zip(boxes, validities):
                 db.execute(
-                    "INSERT INTO mailboxes (user, name, uidvalidity, specialuse) VALUES (?, ?, ?, ?)", (user, name, v, use)
+                    "INSERT INTO mailboxes (user, name, uidvalidity, specialuse) VALUES (?, ?, ?, ?)",
+                    (user, name, _uniqueUidvalidity(db, v), use),
                 )
                 db.execute("INSERT INTO subscriptions VALUES (?, ?)", (user, name))
 
@@ -835,11 +879,12 @@ class SQLiteStore:
                 raise NoSuchAccount(f"no such account: {user}")
             if db.execute("SELECT 1 FROM mailboxes WHERE user=? AND name=?", (user, canon)).fetchone():
                 raise MailboxExists(f"mailbox exists: {canon}")
+            v = _uniqueUidvalidity(db, validity)
             db.execute(
                 "INSERT INTO mailboxes (user, name, uidvalidity, specialuse) VALUES (?, ?, ?, ?)",
-                (user, canon, validity, specialUse),
+                (user, canon, v, specialUse),
             )
-            return MailboxInfo(canon, validity, 1, 1, specialUse=specialUse)
+            return MailboxInfo(canon, v, 1, 1, specialUse=specialUse)
 
         return self._write(apply, events=lambda info: [MailboxEvent(user, canon, "create")])
 
@@ -874,7 +919,8 @@ class SQLiteStore:
                 raise MailboxExists(f"mailbox exists: {new}")
             if old == "INBOX":
                 cur = db.execute(
-                    "INSERT INTO mailboxes (user, name, uidvalidity) VALUES (?, ?, ?)", (user, new, validity)
+                    "INSERT INTO mailboxes (user, name, uidvalidity) VALUES (?, ?, ?)",
+                    (user, new, _uniqueUidvalidity(db, validity)),
                 )
                 newId = cur.lastrowid
                 rows = db.execute(
@@ -997,7 +1043,8 @@ class SQLiteStore:
                  state["envelope"]),
             )
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext + 1, modseq, mid))
-            _insertIndex(db, mid, uidnext, *state["index"])
+            # (UIDNEXT is new to the mailbox; an expunge removes a message's text row.)
+            _insertIndex(db, mid, uidnext, *state["index"], fresh=True)
             state["meta"] = MessageMeta(uidnext, normaliseFlags(flags), date, state["size"], modseq)
             return (uidvalidity, uidnext)
 
