@@ -409,3 +409,63 @@ def test_pass_through_data_stage_does_not_buffer_the_message():
     transaction(s)
     s.send("DATA\r\n")
     assert s.proto._hookChunks is None
+
+
+# -- found by sending them to the running server ---------------------------------
+
+
+def test_refused_bdat_outside_a_transaction_counts_for_no_message():
+    # RFC 1870 6.3: the limit is the message's; a chunk refused with 503 is part of none.
+    s = start(maxMessageSize=3000)
+    s.ehlo()
+    s.send(b"BDAT 2900\r\n" + b"x" * 2900)
+    assert s.replies() == [(503, ["5.5.1 Need MAIL command"])]
+    assert s.cmd(MAIL)[0] == 250  # (no EHLO in between: that would reset the session)
+    assert s.cmd("RCPT TO:<alice@example.org>")[0] == 250
+    content = b"Subject: fits\r\n\r\n" + (b"y" * 98 + b"\r\n") * 5
+    s.send(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert s.replies()[0][0] == 250
+    assert len(s.queue.committed) == 1
+
+
+def test_extensions_make_mail_and_rcpt_lines_longer():
+    # RFC 5321 4.5.3.1.4 and the extensions' own increments: SIZE and DSN (RFC 1870 4, RFC 3461 4).
+    s = start()
+    s.ehlo()
+    domain = "d" * 60 + "." + "e" * 60 + ".example"
+    envid = "+2B" * 100  # 100 characters once decoded
+    line = f"MAIL FROM:<{'s' * 64}@{domain}> SIZE=1000 RET=HDRS ENVID={envid}"
+    assert len(line) + 2 > 512
+    assert s.cmd(line) == (250, ["2.1.0 Ok"])
+    orcpt = "rfc822;" + "+2B" * 64 + "@" + domain + "." + "f" * 60 + "." + "g" * 60
+    line = f"RCPT TO:<alice@example.org> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT={orcpt}"
+    assert len(line) + 2 > 512
+    assert s.cmd(line)[0] == 250
+    # Still bounded.
+    assert s.cmd("RCPT TO:<alice@example.org> ORCPT=rfc822;" + "a" * 1100) == (500, ["5.5.2 Line too long"])
+
+
+def test_a_refused_line_ends_the_auth_exchange():
+    # RFC 4954 4: a reply other than 334 completes AUTH; the next line is a command again.
+    s = start(role="submission", allowInsecureAuth=True)
+    s.ehlo()
+    assert s.cmd("AUTH PLAIN")[0] == 334
+    s.send(b"A" * (wire.AUTH_LINE_LENGTH + 10) + b"\r\n")
+    assert s.replies() == [(500, ["5.5.6 Authentication exchange line is too long"])]
+    assert s.cmd("NOOP") == (250, ["2.0.0 Ok"])
+    assert s.cmd("AUTH PLAIN")[0] == 334
+    s.send(b"YWxp\rY2U=\r\n")
+    assert s.replies()[0][0] == 500
+    assert s.cmd("NOOP") == (250, ["2.0.0 Ok"])
+    s.login()
+
+
+def test_ipv4_literals_may_have_leading_zeros():
+    # RFC 5321 4.1.3: Snum = 1*3DIGIT, a value from 0 to 255.
+    for literal in ("[192.000.002.001]", "[010.0.0.1]", "[127.0.0.01]"):
+        assert wire.isAddressLiteral(literal), literal
+    for literal in ("[256.1.1.1]", "[1.2.3]", "[1.2.3.0004]", "[1..2.3]", "[١.2.3.4]"):
+        assert not wire.isAddressLiteral(literal), literal
+    s = start()
+    s.ehlo("[127.000.000.001]")
+    assert s.cmd("MAIL FROM:<a@[192.000.002.001]>") == (250, ["2.1.0 Ok"])

@@ -408,7 +408,7 @@ class SMTPServer(Protocol):
     def connectionMade(self):
         f = self.factory
         self._tls = isTLS(self.transport) or f.role == "submissions"
-        self._reader = wire.LineReader(f.maxLineLength, {b"AUTH": wire.AUTH_LINE_LENGTH})
+        self._reader = wire.LineReader(f.maxLineLength, wire.EXTENDED_LINE_LENGTHS)
         if f.metrics is not None:
             f.metrics.sessionOpened("smtp")
         _log.debug("SMTP {session}: connection from {client}", session=self.sessionId, client=self._clientAddress())
@@ -562,6 +562,12 @@ class SMTPServer(Protocol):
 
     def _handleLine(self, line):
         if isinstance(line, Reply):
+            if self._sasl is not None:
+                # The AUTH command ends with this reply (RFC 4954 4): the
+                # next line is a command again, not a SASL response.
+                self._endSASL()
+                if line is wire.LINE_TOO_LONG:
+                    line = Reply(500, "5.5.6", "Authentication exchange line is too long")
             self.reply(line)
             return None
         if self._sasl is not None:
@@ -1209,7 +1215,8 @@ class SMTPServer(Protocol):
         if error is not None and self._txn is not None:
             # RFC 3030 §2: a refused chunk ends the transaction.
             self._abortData()
-        self._bdatSize += size
+        if error is None:
+            self._bdatSize += size  # (a refused chunk is part of no message)
         self._chunk = (size, last, error)
         self._chunkRemaining = size
         if size == 0:

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "AUTH_LINE_LENGTH",
     "COMMAND_LINE_LENGTH",
+    "EXTENDED_LINE_LENGTHS",
     "TEXT_LINE_LENGTH",
     "Command",
     "ContentChecker",
@@ -81,6 +82,15 @@ __all__ = [
 COMMAND_LINE_LENGTH = 512
 TEXT_LINE_LENGTH = 1000
 AUTH_LINE_LENGTH = 12288
+#: Command lines the advertised extensions make longer than 512 octets (RFC
+#: 5321 4.5.3.1.4): MAIL by SIZE (26, RFC 1870), RET and ENVID (110, RFC
+#: 3461), AUTH= (500, RFC 4954), BODY= (16, RFC 6152) and SMTPUTF8 (10, RFC
+#: 6531); RCPT by NOTIFY and ORCPT (500, RFC 3461); AUTH's initial response.
+EXTENDED_LINE_LENGTHS = {
+    b"AUTH": AUTH_LINE_LENGTH,
+    b"MAIL": COMMAND_LINE_LENGTH + 26 + 110 + 500 + 16 + 10,
+    b"RCPT": COMMAND_LINE_LENGTH + 500,
+}
 MAX_PARAMETERS = 16
 
 MAX_LOCAL_PART = 64
@@ -321,11 +331,12 @@ def isAddressLiteral(text: str) -> bool:
             return False
     if ":" in inner:
         return bool(_GENERAL_LITERAL.match(inner))
-    try:
-        ipaddress.IPv4Address(inner)
-        return True
-    except ValueError:
-        return False
+    # IPv4-address-literal = Snum 3("." Snum), Snum = 1*3DIGIT, 0 to 255:
+    # leading zeros allowed ("[192.000.002.001]"), which ipaddress refuses.
+    parts = inner.split(".")
+    return len(parts) == 4 and all(
+        1 <= len(p) <= 3 and p.isascii() and p.isdigit() and int(p) <= 255 for p in parts
+    )
 
 
 # RFC 6531 §3.3: atext and qtextSMTP are extended with UTF8-non-ascii.
