@@ -56,6 +56,14 @@ class TwoStores(unittest.TestCase):
         return proto, transport
 
     @defer.inlineCallbacks
+    def command(self, proto, transport, line, tag):
+        """Send one command line to a session; what it wrote, once the tagged answer came."""
+        transport.clear()
+        proto.dataReceived(line)
+        yield self.until(lambda: re.search(tag + rb" (OK|NO|BAD)", transport.value()), line)
+        return transport.value()
+
+    @defer.inlineCallbacks
     def until(self, condition, what, seconds=5.0):
         for _ in range(int(seconds / 0.02)):
             if condition():
@@ -82,12 +90,8 @@ class TwoStores(unittest.TestCase):
     def test_imapSessionSeesAnotherProcessesChanges(self):
         proto, transport = self.session()
 
-        @defer.inlineCallbacks
         def command(line, tag):
-            transport.clear()
-            proto.dataReceived(line)
-            yield self.until(lambda: re.search(tag + rb" (OK|NO|BAD)", transport.value()), line)
-            return transport.value()
+            return self.command(proto, transport, line, tag)
 
         yield command(b"a LOGIN alice@example.org pw\r\n", b"a")
         out = yield command(b"b SELECT INBOX\r\n", b"b")
@@ -233,12 +237,8 @@ class TwoStoresMailboxes(TwoStores):
         yield self.writer.append(USER, "Work", message(9))
         proto, transport = self.session()
 
-        @defer.inlineCallbacks
         def command(line, tag):
-            transport.clear()
-            proto.dataReceived(line)
-            yield self.until(lambda: re.search(tag + rb" (OK|NO|BAD)", transport.value()), line)
-            return transport.value()
+            return self.command(proto, transport, line, tag)
 
         yield command(b"a LOGIN alice@example.org pw\r\n", b"a")
         yield command(b"b SELECT Work\r\n", b"b")

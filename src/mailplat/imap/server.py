@@ -1239,14 +1239,20 @@ class IMAPServerProtocol(Protocol):
                 failure.raiseException()
         except StoreError:
             # MULTIAPPEND is all or nothing (RFC 3502): take back what went in.
-            if done:
-                try:
-                    await store.storeFlags(where.owner, where.name, done, "add", ["\\Deleted"])
-                    await store.expunge(where.owner, where.name, done)
-                except StoreError:
-                    _log.failure("could not undo a partial MULTIAPPEND")
+            await self._takeBack(where, done, "MULTIAPPEND")
             raise
         return ("OK", f"[APPENDUID {uidvalidity} {wire.formatSequenceSet(done)}] APPEND completed")
+
+    async def _takeBack(self, where, uids, what):
+        """Expunge C{uids}, the part of a failed all-or-nothing command (C{what}) that went into C{where}."""
+        if not uids:
+            return
+        store = self.factory.store
+        try:
+            await store.storeFlags(where.owner, where.name, uids, "add", ["\\Deleted"])
+            await store.expunge(where.owner, where.name, uids)
+        except StoreError:
+            _log.failure("could not undo a partial {what}", what=what)
 
     # --- selected -------------------------------------------------------
 
@@ -1632,13 +1638,7 @@ class IMAPServerProtocol(Protocol):
                 )
                 mapping.append((uid, new))
         except StoreError:
-            if mapping:
-                copied = [d for _, d in mapping]
-                try:
-                    await store.storeFlags(where.owner, where.name, copied, "add", ["\\Deleted"])
-                    await store.expunge(where.owner, where.name, copied)
-                except StoreError:
-                    _log.failure("could not undo a partial COPY")
+            await self._takeBack(where, [d for _, d in mapping], "COPY")
             raise
         if move and mapping:
             moved = [s for s, _ in mapping]
