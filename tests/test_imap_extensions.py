@@ -214,6 +214,16 @@ class AppendExtensionTests(Base):
         metas = self.successResultOf(self.store.fetchMeta("alice", "INBOX"))
         assert [sorted(m.flags) for m in metas] == [["\\Seen"], ["\\Flagged"], []]
 
+    def test_multiappend_is_one_store_write(self):
+        # One appendAll (one transaction), so a crash cannot leave half of it (RFC 3502).
+        calls = []
+        appendAll = self.store.appendAll
+        self.store.appendAll = lambda *a: calls.append(a) or appendAll(*a)
+        c = self.loggedIn()
+        c.ok(b"a APPEND INBOX {3+}\r\none {3+}\r\ntwo")
+        c.ok(b"b APPEND INBOX {5+}\r\nthree")
+        assert [len(a[2]) for a in calls] == [2]
+
     def test_multiappend_is_all_or_nothing(self):
         self.successResultOf(self.store.setQuota("alice", messages=1))
         c = self.loggedIn()

@@ -165,6 +165,48 @@ class StoreContractMixin:
         self.assertEqual(other[1], first[1] + 1)
 
     @defer.inlineCallbacks
+    def test_appendAllIsAllOrNone(self):
+        from mailplat.interfaces.storage import IMultiAppendStore
+
+        verifyObject(IMultiAppendStore, self.store)
+        events = []
+        self.store.addListener(self.user, events.append)
+        yield self.store.append(self.user, "INBOX", MSG)
+        big = MSG + b"x" * 200_000 + b"\r\n"
+        uidvalidity, uids = yield self.store.appendAll(
+            self.user, "INBOX", [(MSG, ["\\Seen"], 1700000000), (big, [], None), (MSG + b"3", ["$Label"], None)])
+        self.assertEqual(uids, [2, 3, 4])
+        self.assertEqual(uidvalidity, (yield self.store.getMailbox(self.user, "INBOX")).uidvalidity)
+        self.assertEqual((yield self.store.getContent(self.user, "INBOX", 3)), big)
+        metas = yield self.store.fetchMeta(self.user, "INBOX", [2, 4])
+        self.assertEqual([(m.flags, m.internalDate) for m in metas][0], (frozenset({"\\Seen"}), 1700000000.0))
+        self.assertIn("$Label", metas[1].flags)
+        told = [u for e in events if e.kind == "append" for u in e.uids]
+        self.assertEqual(told, [1, 2, 3, 4])
+        self.store.setQuota(self.user, messages=6)
+        yield self.assertFailure(self.store.appendAll(self.user, "INBOX", [(MSG, [], None)] * 3), QuotaExceeded)
+        self.assertEqual(len((yield self.store.fetchMeta(self.user, "INBOX"))), 4)
+        yield self.assertFailure(self.store.appendAll(self.user, "Nope", [(MSG, [], None)] * 2), NoSuchMailbox)
+
+    @defer.inlineCallbacks
+    def test_deliveryIdHoldsAfterTheMessageMovedOrWasExpunged(self):
+        # A queue entry run again after a crash, once the user has moved the
+        # message away or expunged it: nothing is stored a second time.
+        yield self.store.createMailbox(self.user, "Kept")
+        first = yield self.store.append(self.user, "INBOX", MSG, deliveryId="Q1:alice:INBOX")
+        yield self.store.copy(self.user, "INBOX", [first[1]], "Kept", move=True)
+        again = yield self.store.append(self.user, "INBOX", MSG, deliveryId="Q1:alice:INBOX")
+        self.assertEqual(again, first)
+        self.assertEqual((yield self.store.fetchMeta(self.user, "INBOX")), [])
+        second = yield self.store.append(self.user, "INBOX", MSG, deliveryId="Q2:alice:INBOX")
+        yield self.store.storeFlags(self.user, "INBOX", [second[1]], "add", ["\\Deleted"])
+        yield self.store.expunge(self.user, "INBOX")
+        again = yield self.store.append(self.user, "INBOX", MSG, deliveryId="Q2:alice:INBOX")
+        self.assertEqual(again, second)
+        self.assertEqual((yield self.store.fetchMeta(self.user, "INBOX")), [])
+        self.assertEqual(len((yield self.store.fetchMeta(self.user, "Kept"))), 1)
+
+    @defer.inlineCallbacks
     def test_appendToMissingMailbox(self):
         yield self.assertFailure(self.store.append(self.user, "Nope", MSG), NoSuchMailbox)
         yield self.assertFailure(self.store.append("nobody@example.org", "INBOX", MSG), NoSuchAccount)
@@ -447,6 +489,16 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
     def makeStore(self):
         self.directory = self.mktemp()
         return SQLiteStore(self.directory, reactor)
+
+    @defer.inlineCallbacks
+    def test_appendAllIsOneTransaction(self):
+        """A MULTIAPPEND is one write, so a crash leaves all of it or none (RFC 3502)."""
+        writes = []
+        submit = self.store._db.submit
+        self.store._db.submit = lambda op: writes.append(op) or submit(op)
+        big = MSG + b"x" * 200_000 + b"\r\n"
+        yield self.store.appendAll(self.user, "INBOX", [(MSG, [], None), (big, [], None), (MSG, [], None)])
+        self.assertEqual(len(writes), 1)
 
     @defer.inlineCallbacks
     def test_selectDataCacheFollowsChanges(self):

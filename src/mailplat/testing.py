@@ -30,6 +30,7 @@ from mailplat.interfaces.storage import (
     AccountExists,
     FlagChange,
     IBatchReadStore,
+    IMultiAppendStore,
     IContentStore,
     IMessageStore,
     IQuotaStore,
@@ -187,7 +188,8 @@ def matchesIndex(query, m: "_Message") -> bool:
     raise ValueError(f"unknown query {kind!r}")
 
 
-@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore)
+@implementer(IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore,
+             IMultiAppendStore)
 class MemoryStore:
     """An L{IMessageStore} in memory.  Listeners are called synchronously."""
 
@@ -195,6 +197,7 @@ class MemoryStore:
         self._accounts: dict[str, dict[str, _Mailbox]] = {}
         self._subscriptions: dict[str, set] = {}
         self._quotas: dict[str, tuple] = {}
+        self._deliveries: dict[tuple, tuple] = {}  # (user, delivery ID) -> (uidvalidity, uid)
         self._listeners = Listeners()
         self._clock = clock
 
@@ -264,6 +267,8 @@ class MemoryStore:
             self._account(user)
             del self._accounts[user]
             self._subscriptions.pop(user, None)
+            for key in [k for k in self._deliveries if k[0] == user]:
+                del self._deliveries[key]
 
         return self._call(go)
 
@@ -362,13 +367,29 @@ class MemoryStore:
     def listSubscriptions(self, user):
         return self._call(lambda: sorted(self._subscriptions.get(user, ())) if self._account(user) is not None else [])
 
+    def appendAll(self, user, mailbox, messages):
+        def go():
+            box = self._mailbox(user, mailbox)
+            contents = []
+            for source, _, _ in messages:
+                if isinstance(source, (bytes, bytearray, memoryview)):
+                    contents.append(bytes(source))
+                else:
+                    with open(source, "rb") as f:
+                        contents.append(f.read())
+            self._checkQuota(user, sum(map(len, contents)), len(contents))  # all or none
+            uids = []
+            for content, (_, flags, internalDate) in zip(contents, messages):
+                self.append(user, mailbox, content, flags, internalDate).addCallback(lambda r: uids.append(r[1]))
+            return (box.uidvalidity, uids)
+
+        return self._call(go)
+
     def append(self, user, mailbox, source, flags=(), internalDate=None, deliveryId=None):
         def go():
             box = self._mailbox(user, mailbox)
-            if deliveryId is not None:
-                for m in box.messages.values():
-                    if m.deliveryId == deliveryId:
-                        return (box.uidvalidity, m.uid)
+            if deliveryId is not None and (user, deliveryId) in self._deliveries:
+                return self._deliveries[(user, deliveryId)]
             if isinstance(source, (bytes, bytearray, memoryview)):
                 content = bytes(source)
             else:
@@ -390,6 +411,8 @@ class MemoryStore:
                 _index(content, structure),
             )
             box.recent.add(uid)
+            if deliveryId is not None:
+                self._deliveries[(user, deliveryId)] = (box.uidvalidity, uid)
             meta = MessageMeta(uid, m.flags, m.internalDate, len(content), m.modseq)
             self._emit(user, box.name, "append", [uid], metas=(meta,))
             return (box.uidvalidity, uid)

@@ -99,6 +99,7 @@ from mailplat.interfaces.storage import (
     SPECIAL_USES,
     SYSTEM_FLAGS,
     IBatchReadStore,
+    IMultiAppendStore,
     IContentStore,
     IEnvelopeStore,
     IQuotaStore,
@@ -1217,6 +1218,12 @@ class IMAPServerProtocol(Protocol):
         where = self._locate(cmd.args["mailbox"])
         if where.readOnly:
             return ("NO", "[NOPERM] The shared mailbox is read-only")
+        if len(messages) > 1 and IMultiAppendStore.providedBy(store):
+            # One transaction: all or none, a crash included (RFC 3502).
+            uidvalidity, done = await store.appendAll(
+                where.owner, where.name, [(one["message"], one["flags"], one["date"]) for one in messages]
+            )
+            return ("OK", f"[APPENDUID {uidvalidity} {wire.formatSequenceSet(done)}] APPEND completed")
         done = []
         uidvalidity = None
         # All at once: the store commits them in order and in one group.

@@ -39,9 +39,11 @@ When the Deferred of L{IMessageStore.append} fires with a UID, the message
 content and its index entry MUST be on stable storage (fsync'd): a crash of
 the process or the machine after that point loses nothing.  Several appends
 may share one fsync (group commit).  An append that carries a
-C{deliveryId} already recorded in the same mailbox MUST NOT store the
-message a second time and fires with the earlier UID: this is what makes
-redelivery after a crash exactly-once.
+C{deliveryId} already given to the same account MUST NOT store the
+message a second time, even when the message has since been moved or
+expunged, and fires with the earlier C{(uidvalidity, uid)}: this is what
+makes redelivery after a crash exactly-once.  (A store may forget a
+delivery ID after some days, longer than a queue entry lives.)
 """
 
 from __future__ import annotations
@@ -488,6 +490,22 @@ class SelectData:
     flags: tuple
     modseqs: tuple
     recent: tuple
+
+
+class IMultiAppendStore(Interface):
+    """
+    Optional: several messages appended to one mailbox in one transaction
+    (IMAP MULTIAPPEND, RFC 3502, is all or nothing, a crash included).
+    """
+
+    def appendAll(user, mailbox, messages):
+        """
+        Store C{messages}, a sequence of C{(source, flags, internalDate)}
+        (as L{IMessageStore.append} takes them), with consecutive UIDs in
+        their order.  Fires with C{(uidvalidity, [uid, ...])} once all are
+        durable; on failure (the same as C{append}'s) none was stored, and
+        after a crash either all are there or none.
+        """
 
 
 class IBatchReadStore(Interface):

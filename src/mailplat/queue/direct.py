@@ -63,8 +63,9 @@ class _Transaction:
         if hops(content) > self._front.maxHops:
             return defer.maybeDeferred(self._txn.commit)
         queueId = newQueueId()
-        d = defer.maybeDeferred(self._front.store.append, destination.user, destination.mailbox, content,
-                                deliveryId=f"{queueId}:{destination.user}:{destination.mailbox}")
+        # No delivery ID: this queue ID is new and is never delivered again
+        # (if this append fails, the queue transaction commits under its own).
+        d = defer.maybeDeferred(self._front.store.append, destination.user, destination.mailbox, content)
 
         def stored(_):
             self._txn.abort()

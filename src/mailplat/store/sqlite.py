@@ -41,6 +41,7 @@ from mailplat.interfaces.storage import (
     IContentStore,
     IEnvelopeStore,
     IMessageStore,
+    IMultiAppendStore,
     IQuotaStore,
     ISearchIndex,
     IVanishedStore,
@@ -148,6 +149,18 @@ CREATE TABLE IF NOT EXISTS quotas (
 -- itself: a message row names it as ':<id>' in place of a file.  Each
 -- row has its own (COPY duplicates it), so it goes with its row.
 CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+-- The delivery IDs an account was given (append with deliveryId), kept
+-- whatever became of the message (moved, expunged) for DELIVERY_ID_DAYS:
+-- a queue entry run again after a crash never stores a message twice.
+CREATE TABLE IF NOT EXISTS deliveries (
+    user TEXT NOT NULL REFERENCES accounts(user) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (user, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at);
 CREATE TRIGGER IF NOT EXISTS messages_index_delete AFTER DELETE ON messages BEGIN
     DELETE FROM msgindex WHERE mailbox=old.mailbox AND uid=old.uid;
     DELETE FROM msgtext WHERE mailbox=old.mailbox AND uid=old.uid;
@@ -486,7 +499,8 @@ def _hasFTS5() -> bool:
 
 
 @implementer(
-    IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore, IEnvelopeStore
+    IMessageStore, ISearchIndex, IQuotaStore, IVanishedStore, IContentStore, IBatchReadStore, IEnvelopeStore,
+    IMultiAppendStore,
 )
 class SQLiteStore:
     """
@@ -553,6 +567,7 @@ class SQLiteStore:
         )
         self._listeners = Listeners()
         self._pollCall = None
+        self._forgetCall = None
         self._opened = False
         self._pollDb = None
         self._dataVersion = None
@@ -575,7 +590,23 @@ class SQLiteStore:
         d = self._write(self._syncFulltext)
         self._backfillIndex()
         self._schedulePoll()
+        self._forgetDeliveries()
         return d.addCallback(lambda _: None)
+
+    #: Days an account remembers a delivery ID: longer than any queue entry
+    #: lives (its lifetime, 5 days by default, and a lease), so a repeated
+    #: delivery always finds it.
+    DELIVERY_ID_DAYS = 30
+
+    def _forgetDeliveries(self):
+        """Drop delivery IDs older than L{DELIVERY_ID_DAYS}; again every hour while open."""
+        self._forgetCall = None
+        if not self._opened:
+            return
+        before = self._reactor.seconds() - self.DELIVERY_ID_DAYS * 86400
+        self._write(lambda db: db.execute("DELETE FROM deliveries WHERE at < ?", (before,)), durable=False).addErrback(
+            lambda f: _log.failure("forgetting old delivery IDs failed", f))
+        self._forgetCall = self._reactor.callLater(3600, self._forgetDeliveries)
 
     def _syncFulltext(self, db):
         """Record whether the full-text index is kept; build it over existing text when newly switched on."""
@@ -621,6 +652,9 @@ class SQLiteStore:
         if self._pollCall is not None and self._pollCall.active():
             self._pollCall.cancel()
         self._pollCall = None
+        if self._forgetCall is not None and self._forgetCall.active():
+            self._forgetCall.cancel()
+        self._forgetCall = None
         return self._db.stop()
 
     # --- changes made by other processes ------------------------------------
@@ -979,72 +1013,90 @@ class SQLiteStore:
 
     # --- messages -------------------------------------------------------------
 
+    def _prepareContent(self, source, state):
+        """
+        Make one message's content ready to commit: inline (kept in the
+        index) or written to its file, and analysed.  Fills C{state};
+        returns the (files, directories) to sync before the commit.
+        """
+        inline = (
+            isinstance(source, (bytes, bytearray, memoryview)) and len(source) <= self.inlineMax
+            or isinstance(source, str) and os.path.getsize(source) <= self.inlineMax
+        )
+        if inline:
+            if isinstance(source, str):
+                with open(source, "rb") as f:
+                    content = f.read()
+            else:
+                content = bytes(source)
+            state["inline"] = content
+            synced, dirs = [], []
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            path = self._newFilePath()
+            content = bytes(source)
+            writeFile(path, content)
+            synced = [path]
+        else:
+            path = self._newFilePath()
+            linkOrCopy(source, path)
+            with open(path, "rb") as f:
+                content = f.read()
+            # A hard link to an already-durable file needs only its
+            # directory entry synced; a copy needs its data synced too.
+            synced = [path] if os.stat(path).st_nlink == 1 else []
+        if not inline:
+            state["path"] = path
+            dirs = [os.path.dirname(path)]
+        state["size"] = len(content)
+        structure = _analyze(content)
+        state["structure"] = json.dumps(structure, separators=(",", ":"))
+        state["envelope"] = _envelopeOf(structure)
+        state["index"] = _indexRow(content, structure)
+        return synced, dirs
+
+    def _insertMessage(self, db, mid, uid, modseq, state, flagsText, date, deliveryId=None):
+        """The rows of one prepared message (L{_prepareContent}) at C{uid} (new to the mailbox)."""
+        if "inline" in state:
+            rel = ":%d" % db.execute("INSERT INTO blobs (data) VALUES (?)", (state["inline"],)).lastrowid
+        else:
+            rel = os.path.relpath(state["path"], self._messagesDir)
+        db.execute(
+            "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, deliveryid, structure,"
+            " envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mid, uid, rel, state["size"], date, modseq, flagsText, deliveryId, state["structure"],
+             state["envelope"]),
+        )
+        # (UIDNEXT is new to the mailbox; an expunge removes a message's text row.)
+        _insertIndex(db, mid, uid, *state["index"], fresh=True)
+
     def append(self, user, mailbox, source, flags=(), internalDate=None, deliveryId=None):
         flagsText = _flagsText(normaliseFlags(flags))
         date = float(internalDate if internalDate is not None else self._reactor.seconds())
         state = {}
 
         def prepare():
-            inline = (
-                isinstance(source, (bytes, bytearray, memoryview)) and len(source) <= self.inlineMax
-                or isinstance(source, str) and os.path.getsize(source) <= self.inlineMax
-            )
-            if inline:
-                if isinstance(source, str):
-                    with open(source, "rb") as f:
-                        content = f.read()
-                else:
-                    content = bytes(source)
-                state["inline"] = content
-                synced, dirs = [], []
-            elif isinstance(source, (bytes, bytearray, memoryview)):
-                path = self._newFilePath()
-                content = bytes(source)
-                writeFile(path, content)
-                synced = [path]
-            else:
-                path = self._newFilePath()
-                linkOrCopy(source, path)
-                with open(path, "rb") as f:
-                    content = f.read()
-                # A hard link to an already-durable file needs only its
-                # directory entry synced; a copy needs its data synced too.
-                synced = [path] if os.stat(path).st_nlink == 1 else []
-            if not inline:
-                state["path"] = path
-                dirs = [os.path.dirname(path)]
-            state["size"] = len(content)
-            structure = _analyze(content)
-            state["structure"] = json.dumps(structure, separators=(",", ":"))
-            state["envelope"] = _envelopeOf(structure)
-            state["index"] = _indexRow(content, structure)
-            return synced, dirs
+            return self._prepareContent(source, state)
 
         def apply(db):
             mid, canon, uidvalidity, uidnext, highest, _ = self._mailboxRow(db, user, mailbox)
             state["canon"] = canon
             if deliveryId is not None:
                 row = db.execute(
-                    "SELECT uid FROM messages WHERE mailbox=? AND deliveryid=?", (mid, deliveryId)
+                    "SELECT uidvalidity, uid FROM deliveries WHERE user=? AND id=?", (user, deliveryId)
                 ).fetchone()
+                if row is None:  # (delivered before the account's record was kept)
+                    row = db.execute(
+                        "SELECT ?, uid FROM messages WHERE mailbox=? AND deliveryid=?", (uidvalidity, mid, deliveryId)
+                    ).fetchone()
                 if row is not None:
                     state["duplicate"] = True
-                    return (uidvalidity, row[0])
+                    return tuple(row)
+                db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?, ?)",
+                           (user, deliveryId, uidvalidity, uidnext, self._reactor.seconds()))
             self._checkQuota(db, user, state["size"], 1)
             modseq = highest + 1
-            if "inline" in state:
-                rel = ":%d" % db.execute("INSERT INTO blobs (data) VALUES (?)", (state["inline"],)).lastrowid
-            else:
-                rel = os.path.relpath(state["path"], self._messagesDir)
-            db.execute(
-                "INSERT INTO messages (mailbox, uid, file, size, internaldate, modseq, flags, deliveryid, structure,"
-                " envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, uidnext, rel, state["size"], date, modseq, flagsText, deliveryId, state["structure"],
-                 state["envelope"]),
-            )
+            self._insertMessage(db, mid, uidnext, modseq, state, flagsText, date, deliveryId)
             db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext + 1, modseq, mid))
-            # (UIDNEXT is new to the mailbox; an expunge removes a message's text row.)
-            _insertIndex(db, mid, uidnext, *state["index"], fresh=True)
             state["meta"] = MessageMeta(uidnext, normaliseFlags(flags), date, state["size"], modseq)
             return (uidvalidity, uidnext)
 
@@ -1089,6 +1141,49 @@ class SQLiteStore:
             return d
         self._raiseAppendBarrier("files")
         return self._write(apply, prepare, after, onFailure, events)
+
+    def appendAll(self, user, mailbox, messages):
+        """
+        L{IMultiAppendStore}: C{messages} (C{(source, flags, internalDate)}
+        each) in one transaction, with consecutive UIDs: all of them or
+        none, a crash included (RFC 3502 MULTIAPPEND).
+        """
+        now = self._reactor.seconds()
+        items = []
+        for source, flags, internalDate in messages:
+            flags = normaliseFlags(flags)
+            items.append((source, flags, _flagsText(flags), float(internalDate if internalDate is not None else now), {}))
+        found = {}
+
+        def prepare():
+            synced, dirs = [], set()
+            for source, _, _, _, state in items:
+                s, d = self._prepareContent(source, state)
+                synced += s
+                dirs.update(d)
+            return synced, sorted(dirs)
+
+        def apply(db):
+            mid, canon, uidvalidity, uidnext, highest, _ = self._mailboxRow(db, user, mailbox)
+            found["canon"] = canon
+            self._checkQuota(db, user, sum(state["size"] for *_, state in items), len(items))
+            for i, (_, flags, flagsText, date, state) in enumerate(items):
+                uid, modseq = uidnext + i, highest + 1 + i
+                self._insertMessage(db, mid, uid, modseq, state, flagsText, date)
+                state["meta"] = MessageMeta(uid, flags, date, state["size"], modseq)
+            db.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?",
+                       (uidnext + len(items), highest + len(items), mid))
+            return (uidvalidity, list(range(uidnext, uidnext + len(items))))
+
+        def onFailure():
+            self._unlinkAll([state["path"] for *_, state in items if "path" in state], relative=False)
+
+        def events(result):
+            metas = tuple(state["meta"] for *_, state in items)
+            return [MailboxEvent(user, found["canon"], "append", tuple(result[1]), metas=metas)]
+
+        self._raiseAppendBarrier("files")
+        return self._write(apply, prepare, None, onFailure, events)
 
     def _raiseAppendBarrier(self, stage):
         if self._appendBarrier is None:
