@@ -170,6 +170,22 @@ class LeaseTests(unittest.TestCase):
         runner.kick()  # never scans
         self.assertIsNone(runner._scanning)
 
+    @defer.inlineCallbacks
+    def test_leasesOfAnEarlierRunAreReleasedWhenTheServerStarts(self):
+        # The worker that leased it died with the server: the next start's
+        # scanning runner delivers it at once, not when the lease runs out.
+        lq = yield self.commit(envelope(LocalDestination("a@example.org")))
+        self.assertEqual((yield self.queue.due(reactor.seconds() + 1)), [])
+        runner = QueueRunner(self.queue, self.store, reactor=reactor, pollInterval=3600)
+        runner.startService()
+        for _ in range(50):
+            yield runner.whenIdle()
+            if not (yield self.queue.listEntries()):
+                break
+        yield runner.stopService()
+        self.assertEqual((yield self.queue.listEntries()), [], lq)
+        self.assertEqual((yield self.store.getMailbox("a@example.org", "INBOX")).messages, 1)
+
 
 class Tagger:
     name = "tagger"

@@ -106,3 +106,37 @@ def test_logRelayWritesWarningsAndOtherThreadsAtOnce():
     reactor.running = False  # shutting down: nothing would run a scheduled flush
     relay({"log_level": LogLevel.info, "log_format": "last", "log_time": 0.0})
     assert formatEvent(_records(out)[-1]) == "last" and reactor.getDelayedCalls() == []
+
+
+def test_workerEventsKeepTheirLevelAndTheirExceptionText():
+    """A worker's failure arrives with its exception's message, and its line names the level."""
+    import sqlite3
+
+    from twisted.logger import LogLevel, formatEventAsClassicLogText, globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from mailplat.workers import _LogRelay, _WorkerProcess
+
+    out, reactor = _Out(), _clock()
+    relay = _LogRelay(out, reactor)
+    try:
+        raise sqlite3.OperationalError("database or disk is full")
+    except sqlite3.Error:
+        failure = Failure()
+    relay({"log_level": LogLevel.critical, "log_format": "store commit failed", "log_failure": failure,
+           "log_namespace": "mailplat.store.writer", "log_time": 0.0})
+
+    class Pool:
+        role = "smtp"
+
+    process = _WorkerProcess(Pool(), 0)
+    process.pid = 4242
+    published = []
+    globalLogPublisher.addObserver(published.append)
+    try:
+        process.outReceived("".join(out.writes).encode())
+    finally:
+        globalLogPublisher.removeObserver(published.append)
+    text = formatEventAsClassicLogText(published[-1])
+    assert "[smtp-worker-4242 mailplat.store.writer#critical] store commit failed" in text
+    assert "sqlite3.OperationalError: database or disk is full" in text

@@ -115,9 +115,25 @@ class WriterTests(unittest.TestCase):
         def prepare():
             raise OSError(28, "No space left on device")
 
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         d = self.db.submit(WriteOp(lambda db: None, prepare=prepare, onFailure=lambda: undone.append(True)))
         yield self.assertFailure(d, TemporaryStoreFailure)
         self.assertEqual(undone, [True])
+        # A full disk is one error line, not a traceback per write.
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
+        self.assertIn("store write preparation failed: the disk is full ([Errno 28] No space left on device)",
+                      [formatEvent(e) for e in events])
+
+    @defer.inlineCallbacks
+    def test_otherPreparationFailuresKeepTheirTraceback(self):
+        def prepare():
+            raise OSError(13, "Permission denied")
+
+        yield self.assertFailure(self.db.submit(WriteOp(lambda db: None, prepare=prepare)), TemporaryStoreFailure)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     @defer.inlineCallbacks

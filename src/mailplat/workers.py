@@ -260,7 +260,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 event = eventFromJSON(record.decode("utf-8", "replace"))
             except ValueError:
                 event = {"log_format": "{line}", "line": record.decode("utf-8", "replace"), "log_level": LogLevel.info}
-            event["log_system"] = f"{self.pool.role}-worker-{self.pid}"
+            # The process, then what Twisted shows without a system: namespace#level.
+            level = event.get("log_level")
+            event["log_system"] = (f"{self.pool.role}-worker-{self.pid} {event.get('log_namespace', '-')}#"
+                                   f"{getattr(level, 'name', '-')}")
             globalLogPublisher(event)
 
     def errReceived(self, data):
@@ -659,6 +662,17 @@ class _LogRelay:
         self._lock = threading.Lock()
 
     def __call__(self, event):
+        failure = event.get("log_failure")
+        if failure is not None:
+            # A Failure's exception does not survive JSON (its arguments come
+            # out "unpersistable"): its traceback goes as text instead.
+            event = dict(event)
+            del event["log_failure"]
+            try:
+                event["log_worker_traceback"] = failure.getTraceback()
+            except Exception:
+                event["log_worker_traceback"] = repr(failure)
+            event["log_format"] = (event.get("log_format") or "") + "\n{log_worker_traceback}"
         record = "\x1e" + eventAsJSON(event) + "\n"
         urgent = (
             _PRIORITY.get(event.get("log_level"), self.URGENT) >= self.URGENT

@@ -89,7 +89,26 @@ class QueueRunner(Service):
             self.queue.onCommitted(self._committed)
         self._loop = task.LoopingCall(self.kick)
         self._loop.clock = self._reactor
-        self._loop.start(self.pollInterval, now=True)
+        if not hasattr(self.queue, "releaseLeases"):
+            self._loop.start(self.pollInterval, now=True)
+            return
+        # Leases of worker processes of an earlier run: nobody delivers those
+        # now.  Released before the first scan (which waits, as a scan would).
+        self._scanning = d = self.queue.releaseLeases()
+
+        def released(n):
+            if n:
+                _log.info("{n} queue entries leased before the start are due now", n=n)
+
+        def scan(_):
+            self._scanning = None
+            self._rescan = False
+            if self.running:
+                self._loop.start(self.pollInterval, now=True)
+            self._checkIdle()
+
+        d.addCallbacks(released, lambda f: _log.failure("releasing queue leases failed", f))
+        d.addBoth(scan)
 
     def stopService(self):
         Service.stopService(self)
@@ -160,11 +179,27 @@ class QueueRunner(Service):
         elif len(self._waiting) < MAX_WAITING:
             self._waiting.append(entry)
 
+    #: Seconds before an entry whose settlement could not be written (a full
+    #: disk, a locked store) is looked at again.
+    STORE_RETRY = 60
+
     def _start(self, entry):
         self._inFlight.add(entry.queueId)
         d = defer.maybeDeferred(self.process, entry)
-        d.addErrback(lambda f, e=entry: _log.failure("processing {queueId} failed", f, queueId=e.queueId))
+        d.addErrback(self._failed, entry)
         d.addBoth(self._finished, entry.queueId)
+
+    def _failed(self, failure, entry):
+        if failure.check(TemporaryStoreFailure):
+            # The queue or the store cannot write now: nothing was settled,
+            # the entry is tried again (a delivery already made is not
+            # repeated: delivery IDs).
+            _log.warn("queue entry {queueId} not settled, tried again in {seconds}s: {error}",
+                      queueId=entry.queueId, seconds=self.STORE_RETRY, error=failure.getErrorMessage())
+            self._wakeAt(self._reactor.seconds() + self.STORE_RETRY)
+            return None
+        _log.failure("processing {queueId} failed", failure, queueId=entry.queueId)
+        return None
 
     def _gotDue(self, entries):
         if len(entries) >= self.concurrency * 2:

@@ -384,6 +384,24 @@ class SQLiteQueue:
 
         return self._db.submit(WriteOp(apply))
 
+    def releaseLeases(self):
+        """
+        Make every leased entry (L{leaseLocal}) that arrived before now due
+        at once: called by the scanning runner as the server starts, when
+        no worker process of an earlier run is left to deliver them (a
+        crash would otherwise hold that mail back for the whole lease).
+        Fires with how many there were.
+        """
+        now = self._reactor.seconds()
+
+        def apply(db):
+            # Leased: never attempted and due after its arrival (others are due on arrival).
+            return db.execute(
+                "UPDATE entries SET next_attempt=arrival WHERE attempts=0 AND held=0 AND next_attempt > arrival"
+                " AND arrival < ?", (now,)).rowcount
+
+        return self._db.submit(WriteOp(apply, durable=False))
+
     def hold(self, queueId):
         return self._setHeld(queueId, 1)
 

@@ -1365,7 +1365,9 @@ class SMTPServer(Protocol):
             self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
         def failed(failure):
-            _log.failure("SMTP {session}: queue commit failed", failure, session=self.sessionId)
+            from mailplat.store.writer import logWriteFailure
+
+            logWriteFailure(f"SMTP {self.sessionId}: queue commit failed", failure)
             self.reply(451, "4.3.0", "Temporary storage failure, try again later")
 
         return d.addCallbacks(committed, failed)

@@ -72,6 +72,22 @@ def _parallelFsync(paths) -> None:
     list(_fsyncPool.map(fsyncPath, paths))
 
 
+def diskFull(failure) -> bool:
+    """Whether C{failure} is a full disk (or quota): worth a line in the log, not a traceback per write."""
+    e = failure.value
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+
+
+def logWriteFailure(what: str, failure) -> None:
+    """Log a failed write: a full disk as an error line, anything else with its traceback."""
+    if diskFull(failure):
+        _log.error("{what}: the disk is full ({error})", what=what, error=failure.getErrorMessage())
+    else:
+        _log.failure(what, failure)
+
+
 def fsyncPath(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -517,7 +533,7 @@ class Writer:
             except sqlite3.Error:
                 pass
             if isinstance(f.value, sqlite3.OperationalError):
-                _log.failure("store commit failed", f)
+                logWriteFailure("store commit failed", f)
                 f = Failure(TemporaryStoreFailure("the store cannot write now; try again later"))
             return (False, f)
         finally:
@@ -594,14 +610,14 @@ class Writer:
                 live.append(op)
             except Exception:
                 f = Failure()
-                _log.failure("store write preparation failed", f)
+                logWriteFailure("store write preparation failed", f)
                 self._toDone((op, f))
         if live and (paths or dirs):
             try:
                 syncFiles(paths, sorted(dirs))
             except Exception:
                 f = Failure()
-                _log.failure("fsync failed", f)
+                logWriteFailure("fsync failed", f)
                 for op in live:
                     self._toDone((op, f))
                 return
@@ -673,7 +689,7 @@ class Writer:
             db.execute("COMMIT")
         except Exception:
             f = Failure()
-            _log.failure("store commit failed", f)
+            logWriteFailure("store commit failed", f)
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
