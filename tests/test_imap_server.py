@@ -1037,3 +1037,25 @@ class MailboxTreeAndRecentTests(Base):
         e = self.loggedIn()
         assert b"* 0 RECENT\r\n" in e.ok(b"e EXAMINE INBOX")
         assert b"\\Recent" not in e.ok(b"f FETCH 1 FLAGS")
+
+
+def test_list_patterns_with_many_wildcards():
+    # "*a*a*a...b" as a regular expression backtracks for hours on a long
+    # name it does not match (one LIST would stall every session of the
+    # process): such patterns are matched by a set of states instead.
+    import random
+
+    for pattern in ("*a" * 30 + "b", "%a" * 30 + "b", "*%" * 40 + "z"):
+        assert not listMatcher(pattern)("a" * 1000)
+    assert listMatcher("*a*b*c*")("xaybzc/q") and not listMatcher("%a%b%c%")("xaybzc/q")
+    assert listMatcher("inbox/*%*")("INBOX/x") and listMatcher("*/*/*")("a/b/c") and not listMatcher("*/*/*")("a/b")
+
+    def reference(p):  # the grammar as a regular expression, on names short enough for it
+        r = re.compile("".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in p), re.DOTALL)
+        return lambda name: r.fullmatch(name) is not None
+
+    rng = random.Random(7)
+    for _ in range(5000):
+        p = "".join(rng.choice("ab/*%") for _ in range(rng.randint(0, 9)))
+        name = "".join(rng.choice("ab/") for _ in range(rng.randint(0, 9)))
+        assert listMatcher(p)(name) == reference(p)(name), (p, name)

@@ -2040,20 +2040,59 @@ def _mailboxName(name: str) -> bytes:
 def listMatcher(pattern: str):
     """
     A predicate for LIST/LSUB patterns: C{*} matches anything, C{%} anything
-    but the hierarchy delimiter; INBOX is matched case-insensitively.
+    but the hierarchy delimiter; INBOX is matched case-insensitively.  Time
+    linear in the name times the pattern whatever the pattern (a regular
+    expression with many wildcards backtracks exponentially on a name it
+    does not match).
     """
     if pattern[:5].upper() == "INBOX" and (len(pattern) == 5 or pattern[5] == DELIMITER):
         pattern = "INBOX" + pattern[5:]
-    out = []
+    # A run of wildcards is "*" if it holds one, else "%".
+    tokens = []
     for ch in pattern:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "%":
-            out.append("[^" + re.escape(DELIMITER) + "]*")
+        if ch in "*%" and tokens and tokens[-1] in ("*", "%"):
+            if ch == "*":
+                tokens[-1] = "*"
         else:
-            out.append(re.escape(ch))
-    regex = re.compile("".join(out), re.DOTALL)
-    return lambda name: regex.fullmatch(name) is not None
+            tokens.append(ch)
+    wildcards = sum(1 for t in tokens if t in ("*", "%"))
+    if wildcards <= 2:
+        out = [".*" if t == "*" else "[^" + re.escape(DELIMITER) + "]*" if t == "%" else re.escape(t) for t in tokens]
+        regex = re.compile("".join(out), re.DOTALL)
+        return lambda name: regex.fullmatch(name) is not None
+    n = len(tokens)
+
+    def closure(states):
+        out = set()
+        for i in states:
+            while True:
+                out.add(i)
+                if i < n and tokens[i] in ("*", "%"):
+                    i += 1
+                else:
+                    break
+        return out
+
+    start = closure({0})
+
+    def match(name):
+        states = start
+        for ch in name:
+            moved = set()
+            for i in states:
+                if i == n:
+                    continue
+                t = tokens[i]
+                if t == "*" or (t == "%" and ch != DELIMITER):
+                    moved.add(i)
+                elif t == ch:
+                    moved.add(i + 1)
+            if not moved:
+                return False
+            states = closure(moved)
+        return n in states
+
+    return match
 
 
 class IMAPFactory(ServerFactory):
