@@ -256,14 +256,14 @@ def test_hangupAndStopReachEveryWorker(server):
     assert len(pids) == 4
     server.proc.send_signal(signal.SIGHUP)
     for pid in pids:
-        eventually(lambda pid=pid: re.search(rf"-worker-{pid}\] TLS certificate reloaded", server.output()), 10,
+        eventually(lambda pid=pid: re.search(rf"-worker-{pid} [^\]]*\] TLS certificate reloaded", server.output()), 10,
                    f"worker {pid} reloading its certificate")
     server.proc.send_signal(signal.SIGTERM)
     # twistd ends by re-raising the signal that stopped it, after a clean shutdown.
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
     assert "Server Shut Down." in server.output()
     for pid in pids:
-        assert re.search(rf"-worker-{pid}\] Main loop terminated", server.output())
+        assert re.search(rf"-worker-{pid} [^\]]*\] Main loop terminated", server.output())
     for pid in pids:
         eventually(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 15, f"worker {pid} gone")
 
@@ -317,7 +317,7 @@ def test_smtpWorkersReceiveAndDeliverLocalMail(smtpServer):
     assert not os.listdir(os.path.join(smtpServer.workdir, "data", "queue", "tmp"))
     # Each worker received mail (its log lines, relayed by the main process).
     for pid in pids:
-        assert re.search(rf"\[smtp-worker-{pid}\] SMTP \S+: queued ", smtpServer.output())
+        assert re.search(rf"\[smtp-worker-{pid} mailplat\.smtp\.server#info\] SMTP \S+: queued ", smtpServer.output())
 
 
 def test_smtpWorkersLeaveOutgoingMailToTheMainProcess(smtpServer):
