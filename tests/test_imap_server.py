@@ -1059,3 +1059,12 @@ def test_list_patterns_with_many_wildcards():
         p = "".join(rng.choice("ab/*%") for _ in range(rng.randint(0, 9)))
         name = "".join(rng.choice("ab/") for _ in range(rng.randint(0, 9)))
         assert listMatcher(p)(name) == reference(p)(name), (p, name)
+
+
+class RefusedCreateTests(Base):
+    def test_a_refused_create_makes_no_parents(self):
+        c = self.loggedIn()
+        for name in (b'"p1/p2/.."', b'"' + b"/".join([b"lvl"] * 600) + b'"'):
+            assert c.send(b"c CREATE " + name + b"\r\n").startswith(b"c NO"), name
+        names = {i.name for i in self.successResultOf(self.store.listMailboxes("alice"))}
+        assert not {n for n in names if n.startswith(("p1", "lvl"))}, names

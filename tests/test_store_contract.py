@@ -491,6 +491,16 @@ class SQLiteStoreContractTests(StoreContractMixin, EnvelopeStoreContractMixin, u
         return SQLiteStore(self.directory, reactor)
 
     @defer.inlineCallbacks
+    def test_searchWithThousandsOfKeys(self):
+        """SQLite refuses expressions over 1,000 deep: long lists of keys are grouped, not chained."""
+        for n in range(6):
+            yield self.store.append(self.user, "INBOX", MSG, flags=["\\Seen"] if n % 2 else [])
+        s = lambda q: self.store.search(self.user, "INBOX", q)
+        self.assertEqual((yield s(("and", [("flag", "\\Seen", True)] * 3000))), [2, 4, 6])
+        self.assertEqual((yield s(("and", [("flag", "\\Seen", False), ("larger", 1)] * 1500))), [1, 3, 5])
+        self.assertEqual((yield s(("uids", frozenset(range(1, 3000, 2))))), [1, 3, 5])  # 1,500 ranges
+
+    @defer.inlineCallbacks
     def test_appendAllIsOneTransaction(self):
         """A MULTIAPPEND is one write, so a crash leaves all of it or none (RFC 3502)."""
         writes = []

@@ -113,6 +113,7 @@ from mailplat.interfaces.storage import (
     QuotaExceeded,
     StoreError,
     TemporaryStoreFailure,
+    validateMailboxName,
 )
 
 _log = Logger()
@@ -1000,6 +1001,7 @@ class IMAPServerProtocol(Protocol):
 
     async def _createWithParents(self, name, specialUse=None):
         store = self.factory.store
+        validateMailboxName(name)  # the whole name first: a refused CREATE makes no parents
         levels = name.split(DELIMITER)
         for i in range(1, len(levels)):
             parent = DELIMITER.join(levels[:i])

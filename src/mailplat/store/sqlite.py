@@ -265,6 +265,18 @@ def _flagMatch(flags, name):
     return int(any(f.lower() == name for f in flags.split()))
 
 
+def _joined(parts, op: str) -> str:
+    """
+    C{parts} joined by C{op}, grouped in a balanced tree: SQLite refuses an
+    expression more than 1,000 deep, and C{a AND b AND c ...} is one level
+    per term (a SEARCH of 999 keys would fail).
+    """
+    if len(parts) <= 8:
+        return "(" + op.join(parts) + ")"
+    step = -(-len(parts) // 8)
+    return "(" + op.join(_joined(parts[i:i + step], op) for i in range(0, len(parts), step)) + ")"
+
+
 class _QueryCompiler:
     """An L{ISearchIndex} query tree -> an SQL condition over messages m, msgindex i."""
 
@@ -280,7 +292,7 @@ class _QueryCompiler:
             return "1"
         if kind == "and":
             parts = [self.compile(x) for x in q[1]]
-            return "(" + " AND ".join(parts or ["1"]) + ")"
+            return _joined(parts or ["1"], " AND ")
         if kind == "or":
             return "(" + self.compile(q[1]) + " OR " + self.compile(q[2]) + ")"
         if kind == "not":
@@ -310,7 +322,7 @@ class _QueryCompiler:
                 else:
                     conds.append("m.uid BETWEEN ? AND ?")
                     a.extend((lo, hi))
-            return "(" + " OR ".join(conds) + ")"
+            return _joined(conds, " OR ")
         if kind == "flag":
             system = {"\\seen": "\\Seen", "\\answered": "\\Answered", "\\flagged": "\\Flagged",
                       "\\deleted": "\\Deleted", "\\draft": "\\Draft"}.get(q[1].lower())
