@@ -1068,3 +1068,60 @@ class RefusedCreateTests(Base):
             assert c.send(b"c CREATE " + name + b"\r\n").startswith(b"c NO"), name
         names = {i.name for i in self.successResultOf(self.store.listMailboxes("alice"))}
         assert not {n for n in names if n.startswith(("p1", "lvl"))}, names
+
+
+class UnreadRepliesTests(unittest.TestCase):
+    """A client that pipelines commands and never reads: the server stops taking them, loses none."""
+
+    def setUp(self):
+        self.factory = IMAPFactory(hostname="localhost", portal=memoryPortal({"alice": "secret"}),
+                                   store=MemoryStore(), allowInsecureAuth=True)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        import socket
+
+        # Small kernel buffers: what the client can push past a server that
+        # stopped reading is theirs, and the test stays short.
+        self.port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    @defer.inlineCallbacks
+    def test_commands_wait_while_replies_wait(self):
+        import socket
+
+        from mailplat import net
+
+        self.patch(net, "WRITE_BACKLOG", 64 * 1024)
+        port = self.port.getHost().port
+
+        def flood():
+            s = socket.create_connection(("127.0.0.1", port), 10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            try:
+                s.recv(4096)
+                line = b"a NOOP\r\n"
+                chunk = line * 8192
+                sent = 0
+                s.settimeout(1)
+                try:
+                    while sent < 8 * 1024 * 1024:
+                        # (The rest of a chunk the kernel took part of comes first.)
+                        sent += s.send(chunk[sent % len(chunk):])
+                except socket.timeout:
+                    pass
+                # The server stopped reading once its unsent replies passed the
+                # limit: far fewer commands than the client tried to send.
+                assert sent < 2 * 1024 * 1024, sent
+                # Every whole command sent gets its answer once the client reads.
+                s.settimeout(30)
+                commands, answered, buf = sent // len(line), 0, b""
+                while answered < commands:
+                    buf += s.recv(1 << 20)
+                    answered += buf.count(b"a OK NOOP completed\r\n")
+                    buf = buf[buf.rfind(b"\n") + 1:]
+                assert answered == commands, (answered, commands)
+            finally:
+                s.close()
+
+        yield threads.deferToThread(flood)

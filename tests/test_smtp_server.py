@@ -844,7 +844,58 @@ class RealSocketTests(unittest.TestCase):
         )
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        self.listening = port
         return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_commands_wait_while_replies_wait(self):
+        """A client that pipelines commands and never reads: the server stops taking them, loses none."""
+        import socket
+
+        from mailplat import net
+
+        self.patch(net, "WRITE_BACKLOG", 64 * 1024)
+        port = self.listen()
+        # Small kernel buffers: what the client can push past a server that
+        # stopped reading is theirs, and the test stays short.
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            self.listening.socket.setsockopt(socket.SOL_SOCKET, option, 4096)
+
+        def flood():
+            s = socket.create_connection(("127.0.0.1", port), 10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            try:
+                s.recv(4096)
+                chunk = b"NOOP\r\n" * 8192
+                sent = 0
+                s.settimeout(1)
+                try:
+                    while sent < 8 * 1024 * 1024:
+                        # (The rest of a chunk the kernel took part of comes first.)
+                        sent += s.send(chunk[sent % len(chunk):])
+                except socket.timeout:
+                    pass
+                assert sent < 2 * 1024 * 1024, sent  # the server stopped reading
+                # Every command gets its answer once the client reads; then the
+                # line cut short is finished, and QUIT.
+                s.settimeout(30)
+                received = b""
+                while received.count(b"\n") < sent // 6:
+                    data = s.recv(1 << 20)
+                    assert data, received[-200:]
+                    received += data
+                s.sendall(b"NOOP\r\n"[sent % 6:] + b"QUIT\r\n" if sent % 6 else b"QUIT\r\n")
+                while not received.endswith(b"221 2.0.0 Bye\r\n"):
+                    data = s.recv(1 << 20)
+                    assert data, received[-200:]
+                    received += data
+                assert received.count(b"250 2.0.0 Ok\r\n") == -(-sent // 6)
+                assert received.count(b"\n") == -(-sent // 6) + 1
+            finally:
+                s.close()
+
+        yield threads.deferToThread(flood)
 
     @defer.inlineCallbacks
     def test_send_starttls_login(self):

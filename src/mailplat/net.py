@@ -51,6 +51,66 @@ def writeNow(transport, data: bytes) -> None:
         t.write(data[sent:])
 
 
+def unsent(transport) -> int:
+    """Bytes written to C{transport} (through any wrappers, TLS included) that the kernel has not taken yet."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    if isinstance(transport, tcp.Connection):
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return 0
+
+
+#: Replies a session may have waiting unsent before it stops taking commands.
+WRITE_BACKLOG = 1024 * 1024
+
+
+class WriteGate:
+    """
+    Back-pressure for replies: a client that pipelines commands and never
+    reads the replies would have them pile up in memory without bound.
+    While more than C{high} bytes wait unsent, L{blocked} says so and the
+    connection's reading is paused; once fewer than C{low} wait (looked at
+    every C{interval} seconds on C{clock}) C{resume()} is called: the
+    session resumes reading (unless it paused it for its own reasons) and
+    goes on with its commands.
+    """
+
+    def __init__(self, clock, resume, closed, high=None, interval=0.05):
+        self._clock, self._resume, self._closed = clock, resume, closed
+        self.high = WRITE_BACKLOG if high is None else high
+        self.low, self.interval = self.high // 4, interval
+        self.waiting = False
+        self._call = None
+
+    def blocked(self, transport) -> bool:
+        if self.waiting:
+            return True
+        if unsent(transport) <= self.high:
+            return False
+        self.waiting = True
+        transport.pauseProducing()
+        self._call = self._clock.callLater(self.interval, self._check, transport)
+        return True
+
+    def _check(self, transport):
+        self._call = None
+        if self._closed():
+            self.waiting = False
+            return
+        if unsent(transport) > self.low:
+            self._call = self._clock.callLater(self.interval, self._check, transport)
+            return
+        self.waiting = False
+        self._resume()
+
+    def stop(self):
+        """The connection is gone: look no more."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self.waiting = False
+
+
 class IdleTimer:
     """
     The idle timeout of one session: C{expired()} is called once C{timeout}

@@ -87,7 +87,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat import tls
-from mailplat.net import IdleTimer, writeNow
+from mailplat.net import IdleTimer, WriteGate, writeNow
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
 from mailplat.imap import fetch as fetchmod
 from mailplat.imap import search as searchmod
@@ -274,6 +274,7 @@ class IMAPServerProtocol(Protocol):
         self._paused = False
         self._tls = False
         self._idle = IdleTimer(self._reactor, factory.idleTimeout, self._timedOut)
+        self._gate = WriteGate(self._reactor, self._writesDrained, lambda: self._closed)
         self._user = None
         self._avatarLogout = None
         self._removeListener = None
@@ -373,6 +374,7 @@ class IMAPServerProtocol(Protocol):
             return
         self._closed = True
         self._idle.cancel()
+        self._gate.stop()
         self._endLogin()
         self._resumeWrites()
         if self._lineWaiter is not None:
@@ -480,6 +482,8 @@ class IMAPServerProtocol(Protocol):
                 waiting = self._lineWaiter is not None
                 if self._busy and not waiting:
                     break
+                if not waiting and self._gate.blocked(self.transport):
+                    break  # replies wait unsent: no more commands until the client reads them
                 event = self._parser.nextEvent()
                 if event is None:
                     break
@@ -503,10 +507,17 @@ class IMAPServerProtocol(Protocol):
                 self.transport.pauseProducing()
             elif self._paused and (not self._busy or self._parser.buffered <= MAX_BUFFERED):
                 self._paused = False
-                if not self._closed:
+                if not self._closed and not self._gate.waiting:
                     self.transport.resumeProducing()
         finally:
             self._pumping = False
+
+    def _writesDrained(self):
+        if self._closed:
+            return
+        if not self._paused:
+            self.transport.resumeProducing()
+        self._pump()
 
     def _commandDone(self, result):
         if isinstance(result, Failure):

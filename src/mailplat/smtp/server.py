@@ -89,7 +89,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol, ServerFactory
 
 from mailplat.log import Logger
-from mailplat.net import IdleTimer, writeNow
+from mailplat.net import IdleTimer, WriteGate, writeNow
 from twisted.python.failure import Failure
 
 from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLAuthenticationFailed, SASLError
@@ -247,6 +247,7 @@ class SMTPServer(Protocol):
         self._busy = False
         self._dataMode = False
         self._paused = False
+        self._gate = None
         self._rejectedAtConnect = False
         self._helo = None
         self._heloIsDomain = False
@@ -438,6 +439,8 @@ class SMTPServer(Protocol):
         self._closed = True
         if self._idle is not None:
             self._idle.cancel()
+        if self._gate is not None:
+            self._gate.stop()
         if self._delayedCall is not None and self._delayedCall.active():
             self._delayedCall.cancel()
         self._delayedCall = None
@@ -514,8 +517,12 @@ class SMTPServer(Protocol):
             return
         self._inLoop = True
         self._corked = []
+        if self._gate is None:
+            self._gate = WriteGate(self._reactor, self._writesDrained, lambda: self._closed)
         try:
             while not self._closed and not self._busy:
+                if self._gate.blocked(self.transport):
+                    break  # replies wait unsent: no more commands until the client reads them
                 if self._chunkRemaining:
                     # A BDAT chunk: exactly that many octets, whatever they are.
                     pending = self._reader.take(self._chunkRemaining)
@@ -554,7 +561,15 @@ class SMTPServer(Protocol):
             self.transport.pauseProducing()
         elif self._paused and backlog <= PAUSE_THRESHOLD // 2:
             self._paused = False
+            if not self._gate.waiting:
+                self.transport.resumeProducing()
+
+    def _writesDrained(self):
+        if self._closed:
+            return
+        if not self._paused:
             self.transport.resumeProducing()
+        self._pump()
 
     def _internalError(self, failure):
         _log.failure("SMTP {session}: internal error", failure, session=self.sessionId)
