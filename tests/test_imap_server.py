@@ -1125,3 +1125,42 @@ class UnreadRepliesTests(unittest.TestCase):
                 s.close()
 
         yield threads.deferToThread(flood)
+
+
+class PausingTransport(FakeTLSTransport):
+    """Asks its producer to pause once C{limit} octets wait, as a TCP transport does when the client reads slowly."""
+
+    limit = 256 * 1024
+
+    def write(self, data):
+        super().write(data)
+        if self.producer is not None and self.streaming and len(self.value()) > self.limit:
+            self.producer.pauseProducing()
+
+
+class ManyItemsFetchTests(Base):
+    def test_items_of_a_big_message_wait_for_the_client(self):
+        # FETCH of the same big section many times: written item by item as
+        # the client takes them, not all built in memory first.
+        body = b"".join(b"line %06d of a big message\r\n" % i for i in range(20000))  # ~600 KB
+        self.append(b"Subject: big\r\n\r\n" + body)
+        c = Client(self.factory)
+        c.transport = PausingTransport(hostAddress=c.transport.getHost(), peerAddress=c.transport.getPeer())
+        c.proto.makeConnection(c.transport)
+        c.read()
+        c.ok(b"L LOGIN alice secret")
+        c.ok(b"S SELECT INBOX")
+        c.proto.dataReceived(b"f FETCH 1 (" + b" ".join([b"BODY.PEEK[TEXT]"] * 40) + b")\r\n")
+        waiting = c.transport.value()
+        # Paused: far less than the 24 MB answer, at most a chunk past the limit and an item.
+        assert len(waiting) < PausingTransport.limit + 2 * len(body), len(waiting)
+        out = waiting
+        for _ in range(200):
+            c.transport.clear()
+            c.transport.producer.resumeProducing()
+            out += c.transport.value()
+            if out.endswith(b"f OK FETCH completed\r\n"):
+                break
+        assert out.endswith(b"f OK FETCH completed\r\n")
+        assert out.count(b"BODY[TEXT] {%d}\r\n" % len(body) + body) == 40
+        assert out.startswith(b"* 1 FETCH (BODY[TEXT] {%d}\r\n" % len(body))

@@ -308,59 +308,69 @@ class FetchPlan:
             return att
         return None
 
+    def checkBinary(self, content, structure):
+        """Raise L{UnknownCTE} now if a BINARY item of this plan would (before a response is begun)."""
+        for att in self.atts:
+            if att.name in ("BINARY[]", "BINARY.SIZE"):
+                binaryBytes(content, structure, att.section.part)
+
     def items(self, seq, meta, flags, content, structure, streamAtt=None):
+        """The C{(name, value)} pairs of one message, as a list (see L{iterItems})."""
+        return list(self.iterItems(seq, meta, flags, content, structure, streamAtt))
+
+    def iterItems(self, seq, meta, flags, content, structure, streamAtt=None):
         """
         The C{(name, value)} pairs of one message.  C{flags} is the flag list
         to show (with C{\\Recent} when it applies); C{content} the raw bytes
         (when L{needsContent}); C{structure} the analysis (when needed).
         The value of C{streamAtt} is left C{None}: the caller streams it.
+        One at a time: a FETCH of many sections of a big message need not
+        hold them all.
         """
-        out = []
         for att in self.atts:
             name = att.name
             if att is streamAtt:
                 # the session writes this one's literal from the file
-                out.append((att.responseName().encode("ascii"), None))
+                yield (att.responseName().encode("ascii"), None)
             elif name == "FLAGS":
-                out.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
+                yield (b"FLAGS", wire.formatFlags(wire.sortFlags(flags)))
             elif name == "UID":
-                out.append((b"UID", b"%d" % meta.uid))
+                yield (b"UID", b"%d" % meta.uid)
             elif name == "INTERNALDATE":
-                out.append((b"INTERNALDATE", wire.formatDateTime(meta.internalDate)))
+                yield (b"INTERNALDATE", wire.formatDateTime(meta.internalDate))
             elif name == "RFC822.SIZE":
-                out.append((b"RFC822.SIZE", b"%d" % meta.size))
+                yield (b"RFC822.SIZE", b"%d" % meta.size)
             elif name == "MODSEQ":
-                out.append((b"MODSEQ", b"(%d)" % meta.modseq))
+                yield (b"MODSEQ", b"(%d)" % meta.modseq)
             elif name == "BINARY[]":
                 data = binaryBytes(content, structure, att.section.part)
                 data = partial(data if data is not None else b"", att.partial)
-                out.append((att.responseName().encode("ascii"), literal8(data)))
+                yield (att.responseName().encode("ascii"), literal8(data))
             elif name == "BINARY.SIZE":
                 data = binaryBytes(content, structure, att.section.part)
-                out.append((att.responseName().encode("ascii"), b"%d" % len(data or b"")))
+                yield (att.responseName().encode("ascii"), b"%d" % len(data or b""))
 
             elif name == "ENVELOPE":
                 envelope = meta.envelope
-                out.append((b"ENVELOPE", envelope if envelope is not None else formatEnvelope(structure["envelope"])))
+                yield (b"ENVELOPE", envelope if envelope is not None else formatEnvelope(structure["envelope"]))
             elif name == "BODYSTRUCTURE":
-                out.append((b"BODYSTRUCTURE", formatBodyStructure(structure["body"], True)))
+                yield (b"BODYSTRUCTURE", formatBodyStructure(structure["body"], True))
             elif name == "BODY":
-                out.append((b"BODY", formatBodyStructure(structure["body"], False)))
+                yield (b"BODY", formatBodyStructure(structure["body"], False))
             elif name == "RFC822":
-                out.append((b"RFC822", wire.literal(content)))
+                yield (b"RFC822", wire.literal(content))
             elif name == "RFC822.HEADER":
                 hs, bs, _ = structure["body"]["offsets"]
-                out.append((b"RFC822.HEADER", wire.literal(content[hs:bs])))
+                yield (b"RFC822.HEADER", wire.literal(content[hs:bs]))
             elif name == "RFC822.TEXT":
                 _, bs, end = structure["body"]["offsets"]
-                out.append((b"RFC822.TEXT", wire.literal(content[bs:end])))
+                yield (b"RFC822.TEXT", wire.literal(content[bs:end]))
             elif name == "BODY[]":
                 data = sectionBytes(content, structure, att.section)
                 if data is None:
                     data = b""
                 data = partial(data, att.partial)
-                out.append((att.responseName().encode("ascii"), wire.literal(data)))
-        return out
+                yield (att.responseName().encode("ascii"), wire.literal(data))
 
 
 #: Attributes that need the message octets.

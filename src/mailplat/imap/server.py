@@ -71,6 +71,7 @@ import bisect
 import collections
 import dataclasses
 import functools
+import itertools
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -1432,24 +1433,42 @@ class IMAPServerProtocol(Protocol):
                 if needsStructure:
                     structure = fetchmod.ensureStructure(structure, content)
                 flags = sel.flagsOf(uid, meta.flags)
+                extras = []
+                if plan.wantsFlags or uid in seen:
+                    if not plan.wantsFlags:
+                        extras.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
+                    if uid in seen and self._condstore:
+                        # RFC 7162 §3.1: the FETCH response of a message whose
+                        # \Seen this FETCH set carries its UID and MODSEQ.
+                        if not plan.wantsModseq:
+                            extras.append((b"MODSEQ", b"(%d)" % meta.modseq))
+                        if not plan.wantsUid:
+                            extras.append((b"UID", b"%d" % uid))
+                    k = sel.known.get(uid)
+                    if k is not None and meta.modseq > k[1]:
+                        sel.known[uid] = (meta.flags, meta.modseq)
+                if streamAtt is None and content is not None and len(plan.atts) > 1 and (
+                        meta.size * len(plan.atts) > WRITE_CHUNK):
+                    # Several items of a big message (BODY[TEXT], BINARY[],
+                    # the same section twice...): written one at a time.
+                    try:
+                        plan.checkBinary(content, structure)
+                    except fetchmod.UnknownCTE:
+                        self._send(b"".join(buf))
+                        return ("NO", "[UNKNOWN-CTE] Unknown content-transfer-encoding")
+                    self._startProducing()
+                    self._send(b"".join(buf))
+                    buf, size = [], 0
+                    await self._writeFetchInParts(seq, plan.iterItems(seq, meta, flags, content, structure), extras)
+                    if self._closed:
+                        return None
+                    continue
                 try:
                     items = plan.items(seq, meta, flags, content, structure, streamAtt=streamAtt)
                 except fetchmod.UnknownCTE:
                     self._send(b"".join(buf))
                     return ("NO", "[UNKNOWN-CTE] Unknown content-transfer-encoding")
-                if plan.wantsFlags or uid in seen:
-                    if not plan.wantsFlags:
-                        items.append((b"FLAGS", wire.formatFlags(wire.sortFlags(flags))))
-                    if uid in seen and self._condstore:
-                        # RFC 7162 §3.1: the FETCH response of a message whose
-                        # \Seen this FETCH set carries its UID and MODSEQ.
-                        if not plan.wantsModseq:
-                            items.append((b"MODSEQ", b"(%d)" % meta.modseq))
-                        if not plan.wantsUid:
-                            items.append((b"UID", b"%d" % uid))
-                    k = sel.known.get(uid)
-                    if k is not None and meta.modseq > k[1]:
-                        sel.known[uid] = (meta.flags, meta.modseq)
+                items += extras
                 if self._closed:
                     return None
                 if streamAtt is not None:
@@ -1475,6 +1494,22 @@ class IMAPServerProtocol(Protocol):
         if missing:
             return ("NO", "[EXPUNGEISSUED] Some messages were expunged meanwhile")
         return ("OK", "FETCH completed")
+
+    async def _writeFetchInParts(self, seq, items, extras):
+        """One message's FETCH response, item by item, waiting for the client every L{WRITE_CHUNK}."""
+        self._send(b"* %d FETCH (" % seq)
+        pending, separator = 0, b""
+        for name, value in itertools.chain(items, extras):
+            self._send(separator + name + b" ")
+            self._send(value)
+            separator = b" "
+            pending += len(value)
+            if pending >= WRITE_CHUNK:
+                await self._drain()
+                pending = 0
+                if self._closed:
+                    return
+        self._send(b")\r\n")
 
     def _fetchMetaOnly(self, sel, plan, targets, byUid, changedOnly):
         """FETCH of FLAGS/UID/INTERNALDATE/RFC822.SIZE/MODSEQ: no content, one write per chunk."""
