@@ -432,6 +432,42 @@ class FetchTests(Base):
         assert b"ENVELOPE (KEPT)" not in out and b'"Quarterly report"' in out
         assert calls[-1] == (True, False)
 
+    def test_kept_envelopes_with_metadata(self):
+        """
+        FETCH of metadata and ENVELOPE, every envelope kept by the store, is
+        answered from them in the items' order, the same whether the answer
+        is built in one piece (a few messages) or item by item (more than
+        L{server.ENVELOPES_AT_ONCE}).
+        """
+        from dataclasses import replace
+
+        from zope.interface import alsoProvides
+
+        from mailplat.imap import server
+        from mailplat.interfaces.storage import IEnvelopeStore
+
+        self.append(MESSAGE)
+        fetchMeta = self.store.fetchMeta
+
+        def withEnvelopes(user, mailbox, uids=None, withStructure=False, changedSince=None, withEnvelope=False):
+            d = fetchMeta(user, mailbox, uids, withStructure, changedSince)
+            if withEnvelope:
+                d.addCallback(lambda metas: [replace(m, envelope=b"(E%d)" % m.uid) for m in metas])
+            return d
+
+        self.store.fetchMeta = withEnvelopes
+        alsoProvides(self.store, IEnvelopeStore)
+        self.c.ok(b"n NOOP")
+        self.c.ok(b"s STORE 2 +FLAGS (\\Flagged $Work)")
+        command = b"a UID FETCH 1:* (ENVELOPE RFC822.SIZE FLAGS INTERNALDATE)"
+        whole = self.c.ok(command)
+        size = len(MESSAGE.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        assert b"* 1 FETCH (UID 1 ENVELOPE (E1) RFC822.SIZE " in whole, whole
+        assert b'* 2 FETCH (UID 2 ENVELOPE (E2) RFC822.SIZE %d FLAGS (\\Recent \\Flagged $Work) INTERNALDATE "' % size \
+            in whole, whole
+        self.patch(server, "ENVELOPES_AT_ONCE", 1)
+        assert self.c.ok(command) == whole
+
     def test_envelope_and_bodystructure(self):
         out = self.c.ok(b"a FETCH 1 (ENVELOPE BODYSTRUCTURE BODY)")
         assert (

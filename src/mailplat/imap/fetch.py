@@ -283,6 +283,8 @@ class FetchPlan:
         self.metaOnly = not (self.needsContent or self.needsStructure) and not (
             names - {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"}
         )
+        #: Those and ENVELOPE: answerable from metadata when the store keeps envelopes.
+        self.metaAndEnvelope = not (names - {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ", "ENVELOPE"})
 
     def addModseq(self):
         """CONDSTORE: every FETCH response of this command carries MODSEQ (RFC 7162 3.1.4.1)."""
@@ -333,7 +335,7 @@ class FetchPlan:
                 # the session writes this one's literal from the file
                 yield (att.responseName().encode("ascii"), None)
             elif name == "FLAGS":
-                yield (b"FLAGS", wire.formatFlags(wire.sortFlags(flags)))
+                yield (b"FLAGS", wire.flagList(frozenset(flags)))
             elif name == "UID":
                 yield (b"UID", b"%d" % meta.uid)
             elif name == "INTERNALDATE":

@@ -132,6 +132,10 @@ ENABLEABLE = ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT")
 STREAM_THRESHOLD = 256 * 1024
 #: FETCH output is written in chunks of about this size.
 WRITE_CHUNK = 64 * 1024
+#: A FETCH of metadata and ENVELOPE for at most this many messages is
+#: answered in one piece from a template (a bigger one item by item, with
+#: back-pressure).
+ENVELOPES_AT_ONCE = 200
 #: Seconds a claim of new messages' \Recent waits to be written to the store,
 #: with the others of the same mailbox (see L{IMAPFactory.claimRecentInStore}).
 STORE_CLAIM_DELAY = 0.5
@@ -1396,7 +1400,11 @@ class IMAPServerProtocol(Protocol):
                     if c.uid in byUid:
                         byUid[c.uid] = dataclasses.replace(byUid[c.uid], flags=c.flags, modseq=c.modseq)
                         seen.add(c.uid)
-        if plan.metaOnly and not seen:
+        # (With envelopes, only a few hundred messages at a time: the whole
+        # answer is built before it is written.)
+        if not seen and (plan.metaOnly or (
+                envelopes and plan.metaAndEnvelope and len(metas) <= ENVELOPES_AT_ONCE
+                and all(m.envelope is not None for m in metas))):
             return self._fetchMetaOnly(sel, plan, targets, byUid, changedSince is not None)
         missing = False
         buf = []
@@ -1512,14 +1520,18 @@ class IMAPServerProtocol(Protocol):
         self._send(b")\r\n")
 
     def _fetchMetaOnly(self, sel, plan, targets, byUid, changedOnly):
-        """FETCH of FLAGS/UID/INTERNALDATE/RFC822.SIZE/MODSEQ: no content, one write per chunk."""
+        """
+        FETCH of FLAGS/UID/INTERNALDATE/RFC822.SIZE/MODSEQ, and ENVELOPE when
+        every message's comes formatted from the store: no content, no
+        analysis, one template filled per message, one write.
+        """
         parts = []
         for att in plan.atts:
             parts.append(att.name)
         # One template per command (e.g. b"* %d FETCH (FLAGS %s UID %d)"),
         # filled per message.
         formats = {"FLAGS": b"FLAGS %s", "UID": b"UID %d", "RFC822.SIZE": b"RFC822.SIZE %d",
-                   "INTERNALDATE": b"INTERNALDATE %s", "MODSEQ": b"MODSEQ (%d)"}
+                   "INTERNALDATE": b"INTERNALDATE %s", "MODSEQ": b"MODSEQ (%d)", "ENVELOPE": b"ENVELOPE %s"}
         parts = [name for name in parts if name in formats]
         template = b"* %d FETCH (" + b" ".join(formats[name] for name in parts) + b")\r\n"
         out = []
@@ -1542,6 +1554,8 @@ class IMAPServerProtocol(Protocol):
                     values.append(meta.size)
                 elif name == "INTERNALDATE":
                     values.append(wire.formatDateTime(meta.internalDate))
+                elif name == "ENVELOPE":
+                    values.append(meta.envelope)
                 else:
                     values.append(meta.modseq)
             out.append(template % tuple(values))

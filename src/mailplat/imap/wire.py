@@ -1565,10 +1565,29 @@ def formatFlags(flags) -> bytes:
     return b"(" + b" ".join(f.encode("utf-8") for f in flags) + b")"
 
 
+_FLAG_ORDER = {f: i for i, f in enumerate(("\\Recent",) + SYSTEM_FLAGS)}
+
+
+def _flagKey(f):
+    return (_FLAG_ORDER.get(f, 99), f)
+
+
 def sortFlags(flags) -> list:
     """System flags first in canonical order, then keywords sorted."""
-    order = {f: i for i, f in enumerate(("\\Recent",) + SYSTEM_FLAGS)}
-    return sorted(flags, key=lambda f: (order.get(f, 99), f))
+    return sorted(flags, key=_flagKey)
+
+
+_flagListCache: dict = {}
+
+
+def flagList(flags) -> bytes:
+    """C{formatFlags(sortFlags(flags))}, remembered for the few sets a server sees (C{flags} hashable)."""
+    value = _flagListCache.get(flags)
+    if value is None:
+        value = formatFlags(sortFlags(flags))
+        if len(_flagListCache) < 4096:
+            _flagListCache[flags] = value
+    return value
 
 
 def fetchResponse(seq: int, items) -> bytes:
