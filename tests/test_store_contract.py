@@ -75,6 +75,16 @@ class StoreContractMixin:
         self.assertEqual((empty.uids, empty.flags, empty.modseqs, empty.info.messages), ((), (), (), 0))
         yield self.assertFailure(self.store.selectData(self.user, "Nope"), NoSuchMailbox)
         yield self.assertFailure(self.store.getContents(self.user, "Nope", [1]), NoSuchMailbox)
+        yield self.assertFailure(self.store.getContent(self.user, "Nope", 1), NoSuchMailbox)
+        yield self.assertFailure(self.store.fetchMeta(self.user, "Nope"), NoSuchMailbox)
+        yield self.assertFailure(self.store.fetchMeta(self.user, "Nope", [1]), NoSuchMailbox)
+        self.assertEqual((yield self.store.fetchMeta(self.user, "Sent", [1])), [])
+        self.assertEqual([m.uid for m in (yield self.store.fetchMeta(self.user, "inbox", [2, 3]))], [2, 3])
+        yield self.assertFailure(self.store.getContent(self.user, "Sent", 1), KeyError)
+        yield self.assertFailure(self.store.getContent("nobody@example.org", "INBOX", 1), NoSuchAccount)
+        # INBOX in any case is INBOX.
+        self.assertEqual((yield self.store.getContent(self.user, "inbox", 2)),
+                         (yield self.store.getContent(self.user, "INBOX", 2)))
 
     @defer.inlineCallbacks
     def test_accounts(self):

@@ -412,6 +412,22 @@ def _flagsSet(text: str) -> frozenset:
 _newMeta = MessageMeta.__new__
 
 
+def _canonicalName(name: str) -> str:
+    """A mailbox name as stored; L{NoSuchMailbox} for one that cannot exist."""
+    try:
+        return validateMailboxName(name)
+    except InvalidMailboxName:
+        raise NoSuchMailbox(f"no such mailbox: {name}")
+
+
+#: A message's file (or C{:<blob id>}) and its blob, by account, mailbox and UID.
+_CONTENT_SQL = (
+    "SELECT m.file, b.data FROM mailboxes x JOIN messages m ON m.mailbox = x.id"
+    " LEFT JOIN blobs b ON substr(m.file, 1, 1) = ':' AND b.id = CAST(substr(m.file, 2) AS INTEGER)"
+    " WHERE x.user=? AND x.name=? AND m.uid=?"
+)
+
+
 def _meta(uid, flags, date, size, modseq, structure=None, envelope=None) -> MessageMeta:
     """A L{MessageMeta} built without the frozen dataclass's per-field setattr (FETCH of 100,000 messages)."""
     m = _newMeta(MessageMeta)
@@ -788,10 +804,7 @@ class SQLiteStore:
 
     @staticmethod
     def _mailboxRow(db, user, name):
-        try:
-            name = validateMailboxName(name)
-        except InvalidMailboxName:
-            raise NoSuchMailbox(f"no such mailbox: {name}")
+        name = _canonicalName(name)
         row = db.execute(
             "SELECT id, name, uidvalidity, uidnext, highestmodseq, specialuse FROM mailboxes WHERE user=? AND name=?",
             (user, name),
@@ -1210,7 +1223,6 @@ class SQLiteStore:
         wanted = None if uids is None else sorted(set(uids))
 
         def run(db):
-            mid = self._mailboxRow(db, user, mailbox)[0]
             cols = "uid, flags, internaldate, size, modseq"
             if withStructure:
                 cols += ", structure"
@@ -1219,8 +1231,10 @@ class SQLiteStore:
                 cols += ", CASE WHEN envelope IS NULL THEN structure END"
             if withEnvelope:
                 cols += ", envelope"
-            sql = f"SELECT {cols} FROM messages WHERE mailbox=?"
-            args = [mid]
+            # The mailbox found by name in the same statement (no rows:
+            # see whether it exists).
+            sql = f"SELECT {cols} FROM messages WHERE mailbox=(SELECT id FROM mailboxes WHERE user=? AND name=?)"
+            args = [user, _canonicalName(mailbox)]
             if changedSince is not None:
                 sql += " AND modseq > ?"
                 args.append(changedSince)
@@ -1228,6 +1242,8 @@ class SQLiteStore:
                 sql += f" AND uid IN ({','.join('?' * len(wanted))})"
                 args.extend(wanted)
             rows = db.execute(sql + " ORDER BY uid", args).fetchall()
+            if not rows:
+                self._mailboxRow(db, user, mailbox)
             if wanted is not None and len(wanted) > 500:
                 keep = set(wanted)
                 rows = [r for r in rows if r[0] in keep]
@@ -1324,15 +1340,21 @@ class SQLiteStore:
 
     def getContent(self, user, mailbox, uid):
         def run(db):
-            mid = self._mailboxRow(db, user, mailbox)[0]
-            row = db.execute("SELECT file FROM messages WHERE mailbox=? AND uid=?", (mid, uid)).fetchone()
+            # The row and its blob in one statement (one snapshot: a blob's
+            # id may be reused once it is deleted).
+            row = db.execute(_CONTENT_SQL, (user, _canonicalName(mailbox), uid)).fetchone()
             if row is None:
+                self._mailboxRow(db, user, mailbox)  # no such account or mailbox?
                 raise KeyError(uid)
-            self._smallContent([(uid, row[0])])
-            return self._load(db, row[0])
+            rel, data = row
+            if rel.startswith(":"):
+                if data is None:
+                    raise KeyError(rel)
+                return bytes(data)
+            self._smallContent([(uid, rel)])
+            return self._load(db, rel)
 
-        # In one transaction: a blob's id may be reused once it is deleted.
-        return self._read(run, inline=True)
+        return self._read(run, inline=True, transaction=False)
 
     #: Reads run at once in the reactor's thread when they are this small:
     #: metadata of up to this many UIDs named by the caller...
