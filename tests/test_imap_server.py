@@ -194,6 +194,8 @@ class GreetingAndAuthTests(Base):
         c.send(b"b AUTHENTICATE LOGIN\r\n")
         assert c.send(b"!!!\r\n").startswith(b"b BAD")
         assert c.send(b"c AUTHENTICATE PLAIN ###\r\n").startswith(b"c BAD")
+        padded = base64.b64encode(b"\0alice\0secret") + b"="  # one "=" too many
+        assert c.send(b"c AUTHENTICATE PLAIN " + padded + b"\r\n").startswith(b"c BAD")
         assert c.send(b"d AUTHENTICATE CRAM-MD5\r\n").startswith(b"d NO")
         out = c.send(b"e AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice\0bad") + b"\r\n")
         assert out.startswith(b"e NO [AUTHENTICATIONFAILED]")

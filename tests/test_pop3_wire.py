@@ -144,6 +144,9 @@ def test_parse_number():
 def test_decode_base64():
     assert wire.decodeBase64(b"=") == b""
     assert wire.decodeBase64(b"AGJvYgBz") == b"\x00bob\x00s"
+    for bad in (b"AGJvYgBz=", b"AGJvYgBz====", b"YQ===="):
+        with pytest.raises(wire.CommandError):
+            wire.decodeBase64(bad)
     with pytest.raises(wire.CommandError):
         wire.decodeBase64(b"not base64!")
 

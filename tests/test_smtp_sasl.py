@@ -164,8 +164,12 @@ def test_scram_refuses_channel_binding_other_authzid_and_tampering():
     s, _ = scramSession()
     s.ehlo()
     assert s.cmd("AUTH SCRAM-SHA-256 " + b64(b"p=tls-unique,,n=alice@example.org,r=abc"))[0] == 501
+    # Another authorization identity is well formed but not allowed: an
+    # authentication failure, as with PLAIN (RFC 4954 §4: 535, not 501).
     c = ScramClient("alice@example.org", "pencil", authzid="bob@example.org")
-    assert s.cmd("AUTH SCRAM-SHA-256 " + b64(c.first()))[0] == 501
+    s.send("AUTH SCRAM-SHA-256 " + b64(c.first()) + "\r\n")
+    s.clock.advance(1)
+    assert s.replies() == [(535, ["5.7.8 Authentication credentials invalid"])]
     c = ScramClient("alice@example.org", "pencil")
     code, (challenge,) = s.cmd("AUTH SCRAM-SHA-256 " + b64(c.first()))
     final = c.final(base64.b64decode(challenge)).replace(b"r=rOpr", b"r=XXXX")

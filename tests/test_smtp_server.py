@@ -622,6 +622,7 @@ def test_auth_cancel_and_bad_input():
     assert s.cmd("!!notbase64") == (501, ["5.5.2 Invalid base64 data"])
     assert s.cmd("AUTH CRAM-MD5") == (504, ["5.5.4 Unrecognized authentication type"])
     assert s.cmd("AUTH PLAIN !!") == (501, ["5.5.2 Invalid base64 data"])
+    assert s.cmd("AUTH PLAIN " + b64(b"\0alice@example.org\0secret") + "=") == (501, ["5.5.2 Invalid base64 data"])
     assert s.cmd("AUTH PLAIN " + b64(b"only-one-part")) == (501, ["5.5.2 Malformed authentication response"])
     # the session still works
     s.login()

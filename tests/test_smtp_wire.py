@@ -389,6 +389,11 @@ def test_binary_bytes_exact():
 
 def test_decode_base64():
     assert wire.decodeBase64("AGEAYg==") == b"\x00a\x00b"
+    assert wire.decodeBase64("YWJj") == b"abc"
+    # Padding only completes a short final group (RFC 4648 §3.2).
+    for bad in ("AGEAYg===", "YWJj=", "YWJj====", "YQ", "YQ=", "YQ=x", "Y=Q="):
+        with pytest.raises(ValueError):
+            wire.decodeBase64(bad)
     with pytest.raises(ValueError):
         wire.decodeBase64("not base64!")
 

@@ -30,6 +30,7 @@ Also here, registered by the platform where they can work:
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -45,6 +46,24 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailplat.interfaces.auth import ISASLMechanism
+
+
+def decodeResponse(data) -> bytes:
+    """
+    A client's base64 SASL response, strictly (RFC 4648 §3.2: padding only
+    to complete a short final group; no other characters); C{ValueError}
+    if it is not valid base64.  (An empty response C{"="} is the
+    protocols' business.)
+    """
+    if isinstance(data, str):
+        data = data.encode("ascii", "replace")
+    body = data.rstrip(b"=")
+    if len(data) % 4 or len(data) - len(body) > 2 or b"=" in body:
+        raise ValueError("invalid base64")
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("invalid base64")
 
 
 class SASLError(Exception):
@@ -405,7 +424,8 @@ class ScramSHA256:
         if not username or not nonce or not all("!" <= c <= "~" and c != "," for c in nonce):
             raise SASLError("malformed client-first-message")
         if authzid and authzid != username:
-            raise SASLError("authorization identity differs from authentication identity")
+            # Well formed, but not allowed: an authentication failure (as PLAIN's).
+            raise SASLAuthenticationFailed(username, "authorization identity differs from authentication identity")
         self._gs2 = text[: len(text) - len(bare)]
         self._clientFirstBare = bare
         self._username = username

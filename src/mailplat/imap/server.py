@@ -66,7 +66,6 @@ Also:
 from __future__ import annotations
 
 import base64
-import binascii
 import bisect
 import collections
 import dataclasses
@@ -89,7 +88,7 @@ from zope.interface import implementer
 
 from mailplat import tls
 from mailplat.net import IdleTimer, WriteGate, writeNow
-from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError
+from mailplat.auth.sasl import Challenge, Credentials, Registry, SASLError, decodeResponse
 from mailplat.imap import fetch as fetchmod
 from mailplat.imap import search as searchmod
 from mailplat.imap import thread as threadmod
@@ -675,8 +674,8 @@ class IMAPServerProtocol(Protocol):
             response = b""
         else:
             try:
-                response = base64.b64decode(initial, validate=True)
-            except (binascii.Error, ValueError):
+                response = decodeResponse(initial)
+            except ValueError:
                 return ("BAD", "Invalid base64 in initial response")
         for _ in range(20):
             try:
@@ -698,8 +697,8 @@ class IMAPServerProtocol(Protocol):
             if line == b"*":
                 return ("BAD", "Authentication cancelled")
             try:
-                response = base64.b64decode(line, validate=True)
-            except (binascii.Error, ValueError):
+                response = decodeResponse(line)
+            except ValueError:
                 return ("BAD", "Invalid base64 in authentication response")
         return ("NO", "Authentication exchange too long")
 

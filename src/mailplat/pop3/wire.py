@@ -51,10 +51,11 @@ minus the stuffed dots.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
+
+from mailplat.auth.sasl import decodeResponse
 
 #: RFC 2449 section 4: a command line is at most 255 octets with its CRLF.
 MAX_COMMAND_LINE = 255
@@ -252,8 +253,8 @@ def decodeBase64(data: bytes) -> bytes:
     if data == b"=":
         return b""
     try:
-        return binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, ValueError):
+        return decodeResponse(data)
+    except ValueError:
         raise CommandError("Invalid base64 data")
 
 

@@ -47,11 +47,11 @@ Deviations, all on the lenient side and all documented here:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
 from dataclasses import dataclass, field
+
+from mailplat.auth.sasl import decodeResponse
 
 __all__ = [
     "AUTH_LINE_LENGTH",
@@ -653,11 +653,7 @@ def decodeBase64(text) -> bytes:
     """Strict base64 as used by AUTH (RFC 4954 §4); raises C{ValueError}."""
     if isinstance(text, str):
         text = text.encode("ascii", "replace")
-    text = text.strip()
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("invalid base64")
+    return decodeResponse(text.strip())
 
 
 # -- DATA and BDAT content --------------------------------------------------------
