@@ -219,6 +219,21 @@ def test_bad_dsn_rcpt_parameters(params):
     assert code == 501 and text.startswith("5.5.4 ")
 
 
+@pytest.mark.parametrize("addr,ok", [
+    ("caf\u00e9@example.org", True), ("caf\\x{E9}@example.org", True), ("\\x{1F600}@example.org", True),
+    ("\\x{110000}@example.org", False), ("\\x{D800}@example.org", False), ("\\x{00E9}@example.org", False),
+    ("\\x{41}@example.org", False), ("a b@example.org", False),
+])
+def test_utf8_orcpt_escapes(addr, ok):
+    """RFC 6533 §3: C{\\x{HEXPOINT}} names a Unicode scalar value in its shortest form, ASCII only where xtext needs it."""
+    params = {"ORCPT": "utf-8;" + addr}
+    if ok:
+        assert wire.checkDSNRcptParams(params, utf8=True) == params
+    else:
+        with pytest.raises(wire.SMTPError):
+            wire.checkDSNRcptParams(params, utf8=True)
+
+
 def test_dsn_length_limits():
     with pytest.raises(wire.SMTPError):
         wire.checkDSNRcptParams({"ORCPT": "rfc822;" + "a" * 494})

@@ -548,6 +548,27 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 # RFC 6533 §3.3: utf-8-addr-xtext also allows UTF-8 and \\x{HEX} escapes.
 _UTF8_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\x\{[0-9A-F]{1,6}\})*\Z")
 
+_EMBEDDED = re.compile(r"\\x\{([0-9A-F]{1,6})\}")
+#: The two-digit HEXPOINTs of RFC 6533 §3 (the rest: 80-FF).
+_TWO_DIGIT = {f"{a}{b}" for a in "01" for b in "123456789"} | {"10", "20", "2B", "3D", "7F", "5C"}
+
+
+def _hexpoint(h: str) -> bool:
+    """RFC 6533 §3 C{HEXPOINT}: a code point in its shortest form, no surrogates."""
+    if len(h) == 2:
+        return h in _TWO_DIGIT or h[0] in "89ABCDEF"
+    if len(h) < 2 or h[0] == "0":
+        return False
+    if len(h) == 4:
+        return not 0xD800 <= int(h, 16) <= 0xDFFF
+    return len(h) in (3, 5) or h.startswith("10")
+
+
+def isUTF8Xtext(text: str) -> bool:
+    """RFC 6533 §3 C{utf-8-addr-xtext} / C{utf-8-addr-unitext}: xtext with UTF-8 and C{\\x{HEXPOINT}} escapes."""
+    return bool(_UTF8_XTEXT.match(text)) and all(_hexpoint(m.group(1)) for m in _EMBEDDED.finditer(text))
+
+
 MAX_ENVID = 100
 MAX_ORCPT = 500
 
@@ -621,7 +642,7 @@ def checkDSNRcptParams(params: dict, utf8: bool = False) -> dict:
         if not semi or not _ADDR_TYPE.match(addrType) or not addr:
             raise _dsnSyntax("ORCPT", "expected addr-type;xtext")
         if addrType.lower() == "utf-8" and utf8:
-            if not _UTF8_XTEXT.match(addr):
+            if not isUTF8Xtext(addr):
                 raise _dsnSyntax("ORCPT", "not utf-8-addr-xtext")
             length = len(addr)
         else:
