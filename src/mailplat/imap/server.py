@@ -138,6 +138,7 @@ ENVELOPES_AT_ONCE = 200
 #: Seconds a claim of new messages' \Recent waits to be written to the store,
 #: with the others of the same mailbox (see L{IMAPFactory.claimRecentInStore}).
 STORE_CLAIM_DELAY = 0.5
+_RECENT = frozenset(("\\Recent",))
 
 #: \Recent claims remembered per factory (see L{IMAPFactory.claimRecent}).
 MAX_RECENT_CLAIMS = 100000
@@ -1343,15 +1344,10 @@ class IMAPServerProtocol(Protocol):
         return [(s, sel.uids[s - 1]) for s in seqs]
 
     def _flagBytes(self, sel, uid, flags) -> bytes:
-        recent = uid in sel.recent
-        cache = self.factory._flagCache
-        key = (flags, recent)
-        value = cache.get(key)
-        if value is None:
-            value = wire.formatFlags(wire.sortFlags(sel.flagsOf(uid, flags)))
-            if len(cache) < 4096:
-                cache[key] = value
-        return value
+        """The FLAGS list of a message whose stored flags are C{flags} (hashable), with C{\\Recent} when it is."""
+        if uid in sel.recent:
+            flags = frozenset(flags) | _RECENT
+        return wire.flagList(flags)
 
     async def cmd_FETCH(self, cmd):
         sel = self._selected
@@ -2205,7 +2201,6 @@ class IMAPFactory(ServerFactory):
         self.idleTimeout = idleTimeout
         self.maxLiteralSize = maxLiteralSize
         self.shared = shared if shared is not None else SharedNamespace()
-        self._flagCache: dict = {}
         self._recentClaims: collections.OrderedDict = collections.OrderedDict()
         self._storeClaims: dict = {}
 
